@@ -56,7 +56,8 @@ def detect_family(sd: StateDict, *, source: str = "checkpoint") -> str:
         return Family.INFINITY_BSQ_VAE
     if "quantize.embedding.weight" in sd and "quant_conv.weight" in sd:
         return Family.VAR_VQVAE
-    if "conv_first.weight" in sd and _has_prefix(sd, "layers.0.residual_group.") and _has_prefix(sd, "patch_embed"):
+    if (("conv_first.weight" in sd or "conv_first.1.weight" in sd)  # plain / PixelUnshuffle+conv stem
+            and _has_prefix(sd, "layers.0.residual_group.") and _has_prefix(sd, "patch_embed")):
         return Family.SWINIR
     if "shared_ada_lin.1.weight" in sd or "text_proj_for_sos.ca.mat_q.weight" in sd or (
         "cfg_uncond" in sd and (_has_prefix(sd, "block_chunks.") or _has_prefix(sd, "blocks."))
@@ -81,3 +82,27 @@ def count_indexed(sd: StateDict, prefix: str) -> int:
     while _has_prefix(sd, f"{prefix}{n}."):
         n += 1
     return n
+
+
+def summarize(family: str, sd: StateDict) -> dict[str, int]:
+    """Headline sizes of a checkpoint read from its shapes (for messages and ``info``)."""
+    def shape(key: str, dim: int) -> int:
+        return int(sd[key].shape[dim]) if key in sd else 0
+
+    if family in (Family.VAR, Family.VARSR, Family.RESTOREVAR):
+        return {
+            "depth": count_indexed(sd, "blocks."),
+            "embed_dim": shape("word_embed.weight", 0),
+            "num_heads": shape("blocks.0.attn.scale_mul_1H11", 1),
+            "vocab_size": shape("head.weight", 0),
+            # class_emb has one extra row, the unconditional (CFG) class.
+            "num_classes": max(shape("class_emb.weight", 0) - 1, 0),
+        }
+    if family == Family.VAR_VQVAE:
+        return {
+            "vocab_size": shape("quantize.embedding.weight", 0),
+            "z_channels": shape("quantize.embedding.weight", 1),
+            "base_ch": shape("encoder.conv_in.weight", 0),
+            "num_resolutions": count_indexed(sd, "encoder.down."),
+        }
+    return {}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import StateDict, load_state_dict
-from .detect import DESCRIPTIONS, Family, detect_family
+from .detect import DESCRIPTIONS, Family, detect_family, summarize
 from .errors import CheckpointError, UnsupportedFamilyError
 
 
@@ -55,9 +55,10 @@ _BUILDERS = {}
 
 def _builder(family: str):
     if not _BUILDERS:
-        from . import bsq_vae
+        from . import bsq_vae, swinir
 
         _BUILDERS[Family.INFINITY_BSQ_VAE] = bsq_vae.build
+        _BUILDERS[Family.SWINIR] = swinir.build
     return _BUILDERS.get(family)
 
 
@@ -87,15 +88,15 @@ def load(
         wanted = (expect,) if isinstance(expect, str) else tuple(expect)
         if family not in wanted:
             raise CheckpointError(
-                f"{os.path.basename(source)} is a {DESCRIPTIONS[family]}, but this needs a "
-                + " or ".join(DESCRIPTIONS[w] for w in wanted)
-                + ". Pick the right file."
+                f"{os.path.basename(source)} is the wrong model here: it is the {DESCRIPTIONS[family]}, but this "
+                "needs the " + " or the ".join(DESCRIPTIONS[w] for w in wanted) + ". Pick the right file."
             )
     build = _builder(family)
     if build is None:
+        sizes = ", ".join(f"{k} {v}" for k, v in summarize(family, sd).items())
         raise UnsupportedFamilyError(
-            f"{os.path.basename(source)} is a {DESCRIPTIONS[family]}; loading this family is not supported yet "
-            "in this version of the pack."
+            f"{os.path.basename(source)}: {DESCRIPTIONS[family]}" + (f" ({sizes})" if sizes else "")
+            + ": this version of the pack cannot run this family yet."
         )
     with torch.no_grad():
         config, model = build(sd, operations=operations)

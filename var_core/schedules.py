@@ -92,19 +92,28 @@ def schedule_pixels(schedule: list[tuple[int, int, int]]) -> tuple[int, int]:
 
 
 def schedule_for_latent(h: int, w: int) -> list[tuple[int, int, int]]:
-    """The template schedule that ends exactly at latent grid ``h`` x ``w``.
+    """A template schedule that ends exactly at latent grid ``h`` x ``w``.
 
-    Raises :class:`ParameterError` when no template ends there (any prefix of a template is a valid
-    schedule too, see :func:`validate_schedule`).
+    Any prefix of a template is a valid schedule (the fixtures' 96x144 image uses the first five
+    scales of the 2:3 template). Raises :class:`ParameterError` when no template passes ``h x w``.
     """
-    for grids in H_DIV_W_TEMPLATES.values():
-        for n in PIXEL_BUDGETS.values():
-            if grids[n - 1] == (h, w):
-                return [(1, gh, gw) for gh, gw in grids[:n]]
+    for grids in sorted(H_DIV_W_TEMPLATES.values(), key=lambda g: abs(g[-1][0] / g[-1][1] - h / w)):
+        if (h, w) in grids:
+            return [(1, gh, gw) for gh, gw in grids[: grids.index((h, w)) + 1]]
     raise ParameterError(
-        f"no Infinity schedule ends at a {h}x{w} latent grid; resize the image to a template size "
-        f"(e.g. {VAE_STRIDE * 16}x{VAE_STRIDE * 16}) or pass an explicit scale schedule"
+        f"no Infinity schedule ends at a {h}x{w} latent grid ({h * VAE_STRIDE}x{w * VAE_STRIDE} pixels); "
+        "resize the image to a template size or pass an explicit scale schedule"
     )
+
+
+def fit_schedule(height: int, width: int) -> list[tuple[int, int, int]]:
+    """Schedule for an image: its own grid when that is on a template, else the nearest template."""
+    if height % VAE_STRIDE == 0 and width % VAE_STRIDE == 0:
+        try:
+            return schedule_for_latent(height // VAE_STRIDE, width // VAE_STRIDE)
+        except ParameterError:
+            pass
+    return schedule_for_size(height, width)
 
 
 def validate_schedule(schedule, latent_hw: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
