@@ -1,0 +1,107 @@
+"""Seamless tiled processing of large images, with out-of-memory retries.
+
+The VAR restorers work on model-sized tiles (VARestorer: 512 x 512 pixels). Tiles overlap and
+are blended with Gaussian weights (peak in the tile centre, sigma = 0.1 tile), so no seam shows.
+Tile positions are spread evenly, so every tile has the full size and every overlap is at least
+the requested one. An image that fits in one tile is processed whole (bit-identical to no tiling).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from .errors import ParameterError
+
+log = logging.getLogger(__name__)
+
+TileFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``length`` with at least ``overlap`` shared."""
+    if tile < 1:
+        raise ParameterError(f"tile size must be positive, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ParameterError(f"tile overlap ({overlap}) must be at least 0 and smaller than the tile size ({tile})")
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def blend_weights(h: int, w: int, *, device=None) -> torch.Tensor:
+    """Gaussian blending window ``(1, 1, h, w)``, 1 at the centre."""
+    def axis(n: int) -> torch.Tensor:
+        t = (torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) / n
+        return torch.exp(-(t**2) / (2 * 0.01))
+
+    return (axis(h)[:, None] * axis(w)[None, :])[None, None]
+
+
+def count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
+    return len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
+
+
+def run_tiled(
+    fn: TileFn,
+    x_BCHW: torch.Tensor,
+    *,
+    tile: int,
+    overlap: int,
+    progress: Callable[[int, int], None] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Apply ``fn`` (same-size image -> image) tile by tile and blend the results.
+
+    ``progress(done, total)`` is called after each tile; ``check_interrupt()`` before each tile
+    (it raises to stop, e.g. ComfyUI's interrupt). The result has ``x``'s shape and device.
+    """
+    b, _, h, w = x_BCHW.shape
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    total = len(ys) * len(xs)
+    if total == 1:
+        if check_interrupt:
+            check_interrupt()
+        out = fn(x_BCHW)
+        if progress:
+            progress(1, 1)
+        return out
+    th, tw = min(tile, h), min(tile, w)
+    weight = blend_weights(th, tw, device=x_BCHW.device)
+    acc = None
+    norm = torch.zeros(1, 1, h, w, device=x_BCHW.device)
+    done = 0
+    for y in ys:
+        for x in xs:
+            if check_interrupt:
+                check_interrupt()
+            out = fn(x_BCHW[:, :, y : y + th, x : x + tw]).to(x_BCHW.device, torch.float32)
+            if acc is None:
+                acc = torch.zeros(b, out.shape[1], h, w, device=x_BCHW.device)
+            acc[:, :, y : y + th, x : x + tw] += out * weight
+            norm[:, :, y : y + th, x : x + tw] += weight
+            done += 1
+            if progress:
+                progress(done, total)
+    return acc / norm
+
+
+def run_tiled_with_retry(fn: TileFn, x_BCHW: torch.Tensor, *, tile: int, overlap: int, min_tile: int = 128,
+                         on_retry: Callable[[int], None] | None = None, **kwargs) -> torch.Tensor:
+    """:func:`run_tiled`, halving the tile (and overlap) after each out-of-memory error."""
+    while True:
+        try:
+            return run_tiled(fn, x_BCHW, tile=tile, overlap=overlap, **kwargs)
+        except torch.OutOfMemoryError:
+            if tile // 2 < min_tile:
+                raise
+            tile, overlap = tile // 2, overlap // 2
+            log.warning("out of memory; retrying with %d px tiles", tile)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if on_retry:
+                on_retry(tile)
