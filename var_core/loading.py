@@ -55,9 +55,10 @@ _BUILDERS = {}
 
 def _builder(family: str):
     if not _BUILDERS:
-        from . import bsq_vae, swinir
+        from . import bsq_vae, infinity_model, swinir
 
         _BUILDERS[Family.INFINITY_BSQ_VAE] = bsq_vae.build
+        _BUILDERS[Family.INFINITY] = infinity_model.build
         _BUILDERS[Family.SWINIR] = swinir.build
     return _BUILDERS.get(family)
 
