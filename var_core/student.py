@@ -84,19 +84,32 @@ class StudentResult:
     image: torch.Tensor | None = None
 
 
-def restore(model: Infinity, vae: BSQVAE, lq_B3HW: torch.Tensor, text: TextCondition, schedule, *,
-            tau: float = 0.5, generator: torch.Generator | None = None, sample: bool = True,
-            cond_drop: bool = False, decode: bool = True) -> StudentResult:
-    """One-step restoration of ``lq`` (in [-1, 1], sized to ``schedule``) as ``tools/run_varestorer.py``.
+def restore(model: Infinity, vae: BSQVAE, lq_B3HW: torch.Tensor, text: TextCondition, schedule, **kwargs) -> StudentResult:
+    """One-step restoration of ``lq`` (in [-1, 1], sized to ``schedule``) as ``tools/run_varestorer.py``;
+    keyword arguments as :func:`restore_bits`."""
+    return restore_bits(model, vae, vae.encode(lq_B3HW, schedule).bits, text, schedule, **kwargs)
 
-    ``sample=False`` takes the noise-free argmax bits instead of the Gumbel draw.
+
+def restore_bits(model: Infinity, vae: BSQVAE, lq_bits: list[torch.Tensor], text: TextCondition, schedule, *,
+                 tau: float = 0.5, generator: torch.Generator | list[torch.Generator] | None = None,
+                 sample: bool = True, cond_drop: bool = False, decode: bool = True) -> StudentResult:
+    """One-step restoration from the LQ token pyramid ``lq_bits`` (``(B, h, w, d)`` per scale).
+
+    ``sample=False`` takes the noise-free argmax bits instead of the Gumbel draw. ``generator``
+    may be a list with one generator per image, so that an image's noise does not depend on
+    the batch it is in.
     """
-    lq_bits = vae.encode(lq_B3HW, schedule).bits
-    x_BLd = student_inputs(lq_bits, schedule)
+    device = next(model.parameters()).device
+    x_BLd = student_inputs([b.to(device) for b in lq_bits], schedule)
     logits = model.forward_logits(x_BLd, text, schedule, cond_drop=cond_drop)
     bits = []
     for (_, h, w), logits_s in zip(schedule, split_scales(logits, schedule)):
-        b = gumbel_bits(logits_s, tau, generator=generator) if sample else argmax_bits(logits_s)
+        if not sample:
+            b = argmax_bits(logits_s)
+        elif isinstance(generator, (list, tuple)):
+            b = torch.cat([gumbel_bits(logits_s[i : i + 1], tau, generator=g) for i, g in enumerate(generator)])
+        else:
+            b = gumbel_bits(logits_s, tau, generator=generator)
         bits.append(rearrange(b, "B (h w) d -> B h w d", h=h, w=w))
     codes = bsq_quant.summed_codes(bits, schedule)
     return StudentResult(logits=logits, bits=bits, codes=codes, image=vae.decode(codes) if decode else None)
