@@ -273,9 +273,13 @@ class BSQVAE(nn.Module):
             )
 
     def encode_latent(self, x_B3HW: torch.Tensor) -> torch.Tensor:
-        """Raw encoder features ``(B, d, H/16, W/16)`` in float32 (``encode_for_raw_features``)."""
+        """Raw encoder features ``(B, d, H/16, W/16)`` in float32 (``encode_for_raw_features``).
+
+        The image is cast to the encoder's weight dtype first (as :meth:`decode` does), so a
+        bfloat16 VAE takes the float32 images of the restore pipeline."""
         self.check_image(x_B3HW)
-        return self.encoder(x_B3HW).float()
+        dtype = next(self.encoder.parameters()).dtype
+        return self.encoder(x_B3HW.to(dtype)).float()
 
     def encode(self, x_B3HW: torch.Tensor, schedule, *, intermediates: bool = False) -> bsq_quant.PyramidEncoding:
         """Image -> per-scale bits over ``schedule`` (whose last scale must be the latent grid)."""

@@ -24,6 +24,7 @@ from .rope import apply_rope
 
 if TYPE_CHECKING:
     from .infinity_model import InfinityConfig
+    from .kv_cache import LayerKVCache
 
 
 @dataclass(frozen=True)
@@ -79,14 +80,22 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.zeros(1, self.H, 1, 1))
         self.proj = ops.Linear(C, C)
 
-    def forward(self, x_BLC, rope_2Lc, mask=None):
+    def forward(self, x_BLC, rope_2Lc, mask=None, cache: LayerKVCache | None = None):
+        """``x_BLC`` ``(B, L, C)``, RoPE table ``(2, L, c/2)`` of these tokens' positions -> ``(B, L, C)``.
+
+        With ``cache`` the tokens' keys/values are appended to it and the tokens attend to every
+        cached token (next-scale sampling; ``mask`` then applies to ``(L, cached + L)``).
+        """
         qkv = self.mat_qkv(x_BLC) + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias)).to(x_BLC)
         q, k, v = rearrange(qkv, "B L (three H c) -> three B H L c", three=3, H=self.H).unbind(0)
         scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
         q = F.normalize(q, dim=-1, eps=1e-12).mul(scale_mul).contiguous()
         k = F.normalize(k, dim=-1, eps=1e-12).contiguous()
         q, k = apply_rope(q, rope_2Lc), apply_rope(k, rope_2Lc)
-        out = attention(q, k, v.contiguous(), mask=mask, scale=1.0)
+        v = v.contiguous()
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        out = attention(q, k, v, mask=mask, scale=1.0)
         return self.proj(rearrange(out, "B H L c -> B L (H c)"))
 
 
@@ -155,14 +164,16 @@ class CrossAttnBlock(nn.Module):
         if cfg.ca_layer_scale:
             self.ca_gamma = nn.Parameter(torch.ones(C))
 
-    def forward(self, x_BLC, cond, text: TextState, rope_2Lc, mask=None):
-        """``cond`` is the shared ``(B, 1, 6, C)`` modulation, or the ``(B, C)`` pooled text."""
+    def forward(self, x_BLC, cond, text: TextState, rope_2Lc, mask=None, cache: LayerKVCache | None = None):
+        """``cond`` is the shared ``(B, 1, 6, C)`` modulation, or the ``(B, C)`` pooled text;
+        ``cache`` is this block's self-attention cache (see :class:`SelfAttention`)."""
         if hasattr(self, "ada_gss"):
             gss = self.ada_gss + cond
         else:
             gss = self.ada_lin(cond).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = gss.unbind(2)
-        x_BLC = x_BLC + self.sa(ada_norm(x_BLC, scale1, shift1, eps=self.eps, rms=self.rms), rope_2Lc, mask).mul(gamma1)
+        x_BLC = x_BLC + self.sa(ada_norm(x_BLC, scale1, shift1, eps=self.eps, rms=self.rms), rope_2Lc, mask,
+                                cache).mul(gamma1)
         ca = self.ca(self.ca_norm(x_BLC), text.kv_NC, text.lens, bf16_rounding=text.bf16_rounding,
                      drop_v_bias=text.drop_v_bias).float()
         x_BLC = x_BLC + (ca * self.ca_gamma if hasattr(self, "ca_gamma") else ca)

@@ -257,6 +257,28 @@ class Infinity(nn.Module):
             x_BLC = x_BLC + self.lvl_embed(self.level_ids(schedule, x_BLC.shape[1], x_BLC.device)).float()
         return x_BLC
 
+    def embed_scale(self, x_Bld: torch.Tensor | None, text: TextState, scale_index: int) -> torch.Tensor:
+        """The tokens of one scale as the first block takes them: ``(B, l, C)`` float32.
+
+        Scale 0 (``x_Bld`` None) is ``sos``; a later scale is ``word_embed`` of its next-scale
+        latent ``(B, l, d)``. Both get the level embedding of ``scale_index``. The same values
+        as the matching slice of :meth:`embed` (next-scale sampling runs one scale at a time).
+        """
+        B = len(text.lens)
+        if x_Bld is None:
+            x_BlC = text.cond_BD[:, None].expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
+        else:
+            if x_Bld.shape[0] != B:
+                raise ParameterError(f"{x_Bld.shape[0]} inputs but {B} prompts")
+            x = x_Bld.to(self.pos_start.device, torch.float32)
+            if hasattr(self, "norm0_ve"):
+                x = self.norm0_ve(x)
+            x_BlC = self.word_embed(x).float()
+        if hasattr(self, "lvl_embed"):
+            ids = torch.full(x_BlC.shape[1:2], scale_index, dtype=torch.long, device=x_BlC.device)
+            x_BlC = x_BlC + self.lvl_embed(ids).float()
+        return x_BlC
+
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Bit logits ``(B, L, V)``, ``V = 2d``: ``[..., 2k + b]`` is the logit of bit ``k`` being ``b``."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD.float())).float()

@@ -56,10 +56,13 @@ _BUILDERS = {}
 def _builder(family: str):
     if not _BUILDERS:
         from . import bsq_vae, infinity_model, swinir
+        from . import var_model, var_vqvae
 
         _BUILDERS[Family.INFINITY_BSQ_VAE] = bsq_vae.build
         _BUILDERS[Family.INFINITY] = infinity_model.build
         _BUILDERS[Family.SWINIR] = swinir.build
+        _BUILDERS[Family.VAR_VQVAE] = var_vqvae.build
+        _BUILDERS[Family.VAR] = var_model.build
     return _BUILDERS.get(family)
 
 
