@@ -3,6 +3,10 @@
 * ``VAR_VAE``: a :class:`VARVAE` (the BSQ VAE ``nn.Module`` wrapped in a ComfyUI ``ModelPatcher``).
 * ``VAR_PYRAMID``: a ``var_core.pyramid.Pyramid`` (per-scale bits, scale schedule, original size,
   optional alpha), kept on ComfyUI's intermediate device (the CPU unless ``--gpu-only``).
+* ``VAR_MODEL``: a :class:`VARModel` (the Infinity / VARestorer transformer in a ``ModelPatcher``).
+* ``VAR_SWINIR``: a :class:`VARSwinIR` (the SwinIR pre-cleaner in a ``ModelPatcher``).
+* ``VAR_T5``: a :class:`VART5` (a ``var_core.text.T5TextEncoder``, kept on the text encoder's offload device).
+* ``VAR_TEXT``: a :class:`VARText` (the packed T5 features of one prompt, or "unconditional").
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from comfy_api.latest import io
 
 VarVAE = io.Custom("VAR_VAE")
 VarPyramid = io.Custom("VAR_PYRAMID")
+VarModel = io.Custom("VAR_MODEL")
+VarSwinIR = io.Custom("VAR_SWINIR")
+VarT5 = io.Custom("VAR_T5")
+VarText = io.Custom("VAR_TEXT")
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,3 +42,78 @@ class VARVAE:
 
     def __repr__(self) -> str:  # shown in ComfyUI's error reports ("current_inputs")
         return f"VAR_VAE({self.name}, {str(self.dtype).removeprefix('torch.')})"
+
+
+@dataclass(frozen=True, eq=False)
+class VARModel:
+    """A loaded Infinity / VARestorer transformer: ``patcher.model`` is the ``var_core`` ``Infinity`` module.
+
+    ``lora`` is ``"merged"`` (adapters folded into the weights), ``"adapters"`` (peft layers) or
+    ``"none"`` (a checkpoint without LoRA)."""
+
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    name: str
+    dtype: torch.dtype
+    lora: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+    @property
+    def config(self):
+        return self.patcher.model.config
+
+    def __repr__(self) -> str:
+        return f"VAR_MODEL({self.name}, {str(self.dtype).removeprefix('torch.')}, LoRA {self.lora})"
+
+
+@dataclass(frozen=True, eq=False)
+class VARSwinIR:
+    """A loaded SwinIR pre-cleaner: ``patcher.model`` is the ``var_core`` ``SwinIR`` module."""
+
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+    def __repr__(self) -> str:
+        return f"VAR_SWINIR({self.name}, {str(self.dtype).removeprefix('torch.')})"
+
+
+@dataclass(frozen=True, eq=False)
+class VART5:
+    """A T5 text encoder (``var_core.text.T5TextEncoder``), resting on the text encoder offload device."""
+
+    encoder: object  # var_core.text.T5TextEncoder
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def channels(self) -> int:
+        return self.encoder.channels
+
+    def __repr__(self) -> str:
+        return f"VAR_T5({self.name}, {str(self.dtype).removeprefix('torch.')})"
+
+
+@dataclass(frozen=True, eq=False)
+class VARText:
+    """The text of a restoration: ``condition`` is a ``var_core`` ``TextCondition`` (CPU) for one
+    prompt, or None for an empty prompt (the model's unconditional embedding)."""
+
+    prompt: str
+    condition: object | None  # var_core.infinity_model.TextCondition
+
+    @property
+    def unconditional(self) -> bool:
+        return self.condition is None
+
+    def __repr__(self) -> str:
+        if self.condition is None:
+            return "VAR_TEXT(unconditional)"
+        short = self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
+        return f"VAR_TEXT({short!r}, {self.condition.lens[0]} tokens)"

@@ -32,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 COMFYUI_DIR = REPO / ".comfyui" / "ComfyUI"
 PACK_NAME = "comfyui-var-restore"
-PACK_NODES = ("VARLoadVAE", "VAREncodePyramid", "VARDecodePyramid")
+PACK_NODES = ("VARLoadVAE", "VAREncodePyramid", "VARDecodePyramid", "VARLoadStudent", "VARLoadSwinIR",
+              "VAROneStepRestore", "VARLoadT5", "VARTextEncode")
 
 
 class ComfyError(RuntimeError):

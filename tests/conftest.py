@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 The ``comfy_server`` fixture starts one real ComfyUI (``tests/comfy_harness.py``) per test
-session with this pack installed and the fixture BSQ VAE in ``models/var/``. Tests that use it are
+session with this pack installed and the fixture models in ``models/var/`` (BSQ VAE, VARestorer
+student with LoRA, SwinIR). Tests that use it are
 marked ``comfyui`` and are skipped, with the reason, when ComfyUI is not installed
 (``.venv/bin/python tests/install_comfyui.py`` installs it).
 """
@@ -19,6 +20,9 @@ if str(REPO) not in sys.path:  # ``import var_core`` from the checkout, whicheve
 
 FIXTURES = REPO.parent / "shared" / "fixtures"
 FIXTURE_VAE = FIXTURES / "A_bsq_vae" / "vae_tiny.safetensors"
+FIXTURE_STUDENT = FIXTURES / "B_varestorer_student" / "varestorer_tiny_lora.safetensors"
+FIXTURE_SWINIR = FIXTURES / "G_swinir" / "swinir_tiny.safetensors"
+SERVER_MODELS = (FIXTURE_VAE, FIXTURE_STUDENT, FIXTURE_SWINIR)  # copied to models/var/ of the test server
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +32,13 @@ def comfy_server(tmp_path_factory):
 
     if not comfyui_installed():
         pytest.skip(f"ComfyUI is not installed at {COMFYUI_DIR}: run `.venv/bin/python tests/install_comfyui.py`")
-    if not FIXTURE_VAE.is_file():
-        pytest.skip(f"fixture VAE {FIXTURE_VAE} not present (../shared/fixtures)")
+    missing = [str(p) for p in SERVER_MODELS if not p.is_file()]
+    if missing:
+        pytest.skip(f"fixture models not present (../shared/fixtures): {missing}")
     server = ComfyServer(tmp_path_factory.mktemp("comfyui"))
     server.prepare()
-    server.add_model(FIXTURE_VAE)
+    for model in SERVER_MODELS:
+        server.add_model(model)
     server.start()
     yield server
     server.stop()
