@@ -325,7 +325,7 @@ class VAROneStepRestore(io.ComfyNode):
                     model.module, vae.module, var_image.to_model(rgb[i : i + 1]), text=condition,
                     swinir=None if swinir is None else swinir.module,
                     options=dataclasses.replace(options, seed=options.seed + i), progress=progress,
-                    check_interrupt=mm.throw_exception_if_processing_interrupted,
+                    check_interrupt=mm.throw_exception_if_processing_interrupted, device=model.patcher.load_device,
                 )
                 images.append(var_image.from_model(y).to(store))
         out = torch.cat(images, dim=0)
@@ -357,7 +357,8 @@ class VAROneStepRestore(io.ComfyNode):
                 mm.throw_exception_if_processing_interrupted()
                 one = dataclasses.replace(pyramid, bits=[b[i : i + 1] for b in pyramid.bits], alpha=None)
                 y = var_restore.restore_pyramid(model.module, vae.module, one, text=condition,
-                                                options=dataclasses.replace(options, seed=options.seed + i))
+                                                options=dataclasses.replace(options, seed=options.seed + i),
+                                                device=model.patcher.load_device)
                 images.append(var_image.from_model(y).to(store))
                 pbar.update(1)
         out = torch.cat(images, dim=0)

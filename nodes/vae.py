@@ -127,7 +127,8 @@ class VAREncodePyramid(io.ComfyNode):
         parts = []
         for i in range(batch):
             mm.throw_exception_if_processing_interrupted()
-            part = var_pyramid.encode_image(vae.module, var_image.to_model(rgb[i : i + 1]))
+            part = var_pyramid.encode_image(vae.module, var_image.to_model(rgb[i : i + 1]),
+                                           device=vae.patcher.load_device)
             parts.append(part.to(store))
             pbar.update(1)
         pyramid = dataclasses.replace(
@@ -167,7 +168,7 @@ class VARDecodePyramid(io.ComfyNode):
         for i in range(batch):
             mm.throw_exception_if_processing_interrupted()
             one = dataclasses.replace(pyramid, bits=[b[i : i + 1] for b in pyramid.bits], alpha=None)
-            x = var_pyramid.decode_pyramid(vae.module, one)
+            x = var_pyramid.decode_pyramid(vae.module, one, device=vae.patcher.load_device)
             images.append(var_image.from_model(x).to(store))
             pbar.update(1)
         rgb = torch.cat(images, dim=0)

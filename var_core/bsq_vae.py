@@ -275,11 +275,13 @@ class BSQVAE(nn.Module):
     def encode_latent(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """Raw encoder features ``(B, d, H/16, W/16)`` in float32 (``encode_for_raw_features``).
 
-        The image is cast to the encoder's weight dtype first (as :meth:`decode` does), so a
-        bfloat16 VAE takes the float32 images of the restore pipeline."""
+        The image is cast to the encoder's weight dtype, and any autocast around the call is
+        switched off: the bits are the signs of these features, and lower precision than the
+        VAE's own flips some of them (bf16 flips 1-2.5% of the finest scale's bits)."""
         self.check_image(x_B3HW)
         dtype = next(self.encoder.parameters()).dtype
-        return self.encoder(x_B3HW.to(dtype)).float()
+        with torch.autocast(x_B3HW.device.type, enabled=False):
+            return self.encoder(x_B3HW.to(dtype)).float()
 
     def encode(self, x_B3HW: torch.Tensor, schedule, *, intermediates: bool = False) -> bsq_quant.PyramidEncoding:
         """Image -> per-scale bits over ``schedule`` (whose last scale must be the latent grid)."""
@@ -292,7 +294,8 @@ class BSQVAE(nn.Module):
         if z_BdHW.ndim == 5:
             z_BdHW = z_BdHW.squeeze(2)
         dtype = next(self.decoder.parameters()).dtype
-        return self.decoder(z_BdHW.to(dtype)).clamp(-1, 1)
+        with torch.autocast(z_BdHW.device.type, enabled=False):  # the VAE's own precision, as in encode
+            return self.decoder(z_BdHW.to(dtype)).clamp(-1, 1)
 
     def decode_bits(self, bits: list[torch.Tensor], schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-scale bits -> ``(summed_codes (B, d, 1, H, W), image (B, 3, 16H, 16W))``."""

@@ -48,13 +48,13 @@ class Pyramid:
         return replace(self, bits=[b.to(device) for b in self.bits])
 
 
-def _model_place(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(module.parameters())
-    return p.device, p.dtype
+def model_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes by default: the device of its first parameter."""
+    return next(module.parameters()).device
 
 
 def encode_image(vae: BSQVAE, x_B3HW: torch.Tensor, *, schedule: Schedule | None = None,
-                 alpha: torch.Tensor | None = None) -> Pyramid:
+                 alpha: torch.Tensor | None = None, device: torch.device | None = None) -> Pyramid:
     """Encode images in [-1, 1] into a :class:`Pyramid`.
 
     Without a ``schedule`` the image's own latent grid is used when it lies on an Infinity
@@ -70,17 +70,17 @@ def encode_image(vae: BSQVAE, x_B3HW: torch.Tensor, *, schedule: Schedule | None
         )
     schedule = fit_schedule(h, w) if schedule is None else validate_schedule(schedule)
     th, tw = schedule_pixels(schedule)
-    device, dtype = _model_place(vae)
-    x = x_B3HW.to(device=device, dtype=torch.float32)
+    x = x_B3HW.to(device=device or model_device(vae), dtype=torch.float32)
     if (th, tw) != (h, w):
         x = F.interpolate(x, size=(th, tw), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
-    enc = vae.encode(x.to(dtype), schedule)
+    enc = vae.encode(x, schedule)
     return Pyramid(schedule=enc.schedule, bits=enc.bits, image_size=(int(h), int(w)), alpha=alpha)
 
 
-def decode_pyramid(vae: BSQVAE, pyramid: Pyramid, *, restore_size: bool = True) -> torch.Tensor:
+def decode_pyramid(vae: BSQVAE, pyramid: Pyramid, *, restore_size: bool = True,
+                   device: torch.device | None = None) -> torch.Tensor:
     """Decode a :class:`Pyramid` to images in [-1, 1], resized back to ``image_size``."""
-    device, _ = _model_place(vae)
+    device = device or model_device(vae)
     if pyramid.codebook_dim != vae.codebook_dim:
         raise ImageInputError(
             f"the pyramid has {pyramid.codebook_dim}-bit tokens but this VAE uses {vae.codebook_dim} bits; "

@@ -24,7 +24,7 @@ from .colorfix import MODES as COLOR_FIX_MODES
 from .colorfix import color_fix
 from .errors import ImageInputError, ParameterError
 from .infinity_model import Infinity, TextCondition
-from .pyramid import Pyramid, decode_pyramid
+from .pyramid import Pyramid, decode_pyramid, model_device
 from .schedules import fit_schedule, schedule_pixels
 from .tiling import run_tiled_with_retry
 
@@ -79,12 +79,14 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
-def _expand_text(text: TextCondition, batch: int) -> TextCondition:
-    if text.batch_size == batch:
-        return text
-    if text.batch_size != 1:
-        raise ParameterError(f"{text.batch_size} prompts for a batch of {batch} images; give one prompt or one per image")
-    return TextCondition(text.kv_compact.repeat(batch, 1), text.lens * batch)
+def _text_for(model: Infinity, text: TextCondition | None, batch: int, device) -> TextCondition:
+    """One condition per image on ``device``; ``None`` is the unconditional text."""
+    text = text if text is not None else text_lib.unconditional(model.cfg_uncond)
+    if text.batch_size != batch:
+        if text.batch_size != 1:
+            raise ParameterError(f"{text.batch_size} prompts for a batch of {batch} images; give one prompt or one per image")
+        text = TextCondition(text.kv_compact.repeat(batch, 1), text.lens * batch)
+    return TextCondition(text.kv_compact.to(device), text.lens)
 
 
 def restore_image(
@@ -97,18 +99,20 @@ def restore_image(
     options: RestoreOptions = RestoreOptions(),
     progress: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Restore ``lq`` ``(B, 3, h, w)`` in [-1, 1] to ``(B, 3, H, W)`` in [-1, 1] (``H = h * scale``).
 
-    ``text=None`` uses the model's unconditional text embedding (an empty prompt).
+    ``text=None`` uses the model's unconditional text embedding (an empty prompt). ``device`` is
+    where to compute (default: where the model's first parameter is).
     """
     if lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
         raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {tuple(lq_B3HW.shape)}")
-    device = next(model.parameters()).device
+    device = device or model_device(model)
     b, _, h, w = lq_B3HW.shape
     H, W = output_size(h, w, options.scale)
     x = _resize(lq_B3HW.to(device), (H, W))
-    text = _expand_text(text if text is not None else text_lib.unconditional(model.cfg_uncond), b)
+    text = _text_for(model, text, b, device)
     tile_index = 0
 
     def restore_tile(t: torch.Tensor) -> torch.Tensor:
@@ -133,23 +137,23 @@ def restore_image(
 
 
 def restore_pyramid(model: Infinity, vae: BSQVAE, pyramid: Pyramid, *, text: TextCondition | None = None,
-                    options: RestoreOptions = RestoreOptions()) -> torch.Tensor:
+                    options: RestoreOptions = RestoreOptions(), device: torch.device | None = None) -> torch.Tensor:
     """Restore an already-encoded LQ :class:`~.pyramid.Pyramid` in one pass (no tiling, no SwinIR).
 
     The student works on the pyramid's own scale schedule; the result is resized to the pyramid's
     ``image_size`` times ``options.scale``. Returns ``(B, 3, H, W)`` in [-1, 1].
     """
-    device = next(model.parameters()).device
+    device = device or model_device(model)
     b = pyramid.batch_size
     H, W = output_size(*pyramid.image_size, options.scale)
-    text = _expand_text(text if text is not None else text_lib.unconditional(model.cfg_uncond), b)
+    text = _text_for(model, text, b, device)
     gens = None
     if options.sampling == "gumbel":
         gens = [torch.Generator(device).manual_seed(((options.seed + i) * 1_000_003) % 2**63) for i in range(b)]
     res = student.restore_bits(model, vae, pyramid.bits, text, pyramid.schedule, tau=options.tau,
-                               generator=gens, sample=options.sampling == "gumbel")
+                               generator=gens, sample=options.sampling == "gumbel", device=device)
     out = _resize(res.image, (H, W))
     if options.color_fix != "none":
-        lq = _resize(decode_pyramid(vae, pyramid).to(out.device), (H, W))
+        lq = _resize(decode_pyramid(vae, pyramid, device=device), (H, W))
         out = color_fix(out, lq, options.color_fix)
     return out.clamp(-1, 1)

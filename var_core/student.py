@@ -87,19 +87,22 @@ class StudentResult:
 def restore(model: Infinity, vae: BSQVAE, lq_B3HW: torch.Tensor, text: TextCondition, schedule, **kwargs) -> StudentResult:
     """One-step restoration of ``lq`` (in [-1, 1], sized to ``schedule``) as ``tools/run_varestorer.py``;
     keyword arguments as :func:`restore_bits`."""
-    return restore_bits(model, vae, vae.encode(lq_B3HW, schedule).bits, text, schedule, **kwargs)
+    return restore_bits(model, vae, vae.encode(lq_B3HW, schedule).bits, text, schedule, device=lq_B3HW.device,
+                        **kwargs)
 
 
 def restore_bits(model: Infinity, vae: BSQVAE, lq_bits: list[torch.Tensor], text: TextCondition, schedule, *,
                  tau: float = 0.5, generator: torch.Generator | list[torch.Generator] | None = None,
-                 sample: bool = True, cond_drop: bool = False, decode: bool = True) -> StudentResult:
-    """One-step restoration from the LQ token pyramid ``lq_bits`` (``(B, h, w, d)`` per scale).
+                 sample: bool = True, cond_drop: bool = False, decode: bool = True,
+                 device: torch.device | None = None) -> StudentResult:
+    """One-step restoration from the LQ token pyramid ``lq_bits`` (``(B, h, w, d)`` per scale), computed
+    on ``device`` (default: the device of the model's first parameter).
 
     ``sample=False`` takes the noise-free argmax bits instead of the Gumbel draw. ``generator``
     may be a list with one generator per image, so that an image's noise does not depend on
     the batch it is in.
     """
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     x_BLd = student_inputs([b.to(device) for b in lq_bits], schedule)
     logits = model.forward_logits(x_BLd, text, schedule, cond_drop=cond_drop)
     bits = []
