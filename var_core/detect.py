@@ -59,14 +59,14 @@ def detect_family(sd: StateDict, *, source: str = "checkpoint") -> str:
     if (("conv_first.weight" in sd or "conv_first.1.weight" in sd)  # plain / PixelUnshuffle+conv stem
             and _has_prefix(sd, "layers.0.residual_group.") and _has_prefix(sd, "patch_embed")):
         return Family.SWINIR
+    if _has_prefix(sd, "con_embedding.") and "class_emb.weight" in sd:  # before Infinity: VARSR may have shared_ada_lin
+        return Family.VARSR
     if "shared_ada_lin.1.weight" in sd or "text_proj_for_sos.ca.mat_q.weight" in sd or (
         "cfg_uncond" in sd and (_has_prefix(sd, "block_chunks.") or _has_prefix(sd, "blocks."))
     ):
         return Family.INFINITY
     if _has_prefix(sd, "word_embed_cond.") and _has_prefix(sd, "vae_refiner."):
         return Family.RESTOREVAR
-    if _has_prefix(sd, "con_embedding.") and "class_emb.weight" in sd:
-        return Family.VARSR
     if "class_emb.weight" in sd and _has_prefix(sd, "blocks.") and "word_embed.weight" in sd:
         return Family.VAR
     sample = sorted(sd)[:8]

@@ -63,6 +63,8 @@ def _builder(family: str):
         _BUILDERS[Family.SWINIR] = swinir.build
         _BUILDERS[Family.VAR_VQVAE] = var_vqvae.build
         _BUILDERS[Family.VAR] = var_model.build
+        from . import varsr
+        _BUILDERS[Family.VARSR] = varsr.build
     return _BUILDERS.get(family)
 
 

@@ -70,3 +70,26 @@ def apply_rope(x_BHLc: torch.Tensor, table_2Lc: torch.Tensor) -> torch.Tensor:
     x0, x1 = pairs.unbind(-1)
     out = torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1)
     return rearrange(out, "B H L c two -> B H L (c two)").to(x_BHLc.dtype)
+
+
+def scale_aligned_rope_table(head_dim: int, grid_sides, *, theta: float = ROPE_THETA, grid: float = 32.0) -> torch.Tensor:
+    """VARSR's scale-aligned 2-D RoPE table ``(2, L, head_dim/2)`` (cos, sin), for :func:`apply_rope`.
+
+    Qu et al., "Visual Autoregressive Modeling for Image Super-Resolution" (ICML 2025), following
+    ``precompute_freqs_cis`` in ``models/basic_var.py`` of qyp2000/VARSR. The frequencies and the
+    channel layout are those of :func:`rope_table` (rows on the first ``c/4`` pairs, columns on the
+    last ``c/4``), but positions are not rounded onto a common grid: cell ``(i, j)`` of a ``p x p``
+    scale sits at the fractional position ``(i * grid / p, j * grid / p)``, ``grid`` being the
+    official constant 32 whatever the schedule. ``grid_sides`` lists the square scales of the
+    sequence in order (VARSR: the LR prefix grid ``p_K``, then ``p_1, p_2, ...``).
+    """
+    if head_dim % 4:
+        raise ParameterError(f"2-D RoPE needs a head dim divisible by 4, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+    rows, cols = [], []
+    for p in grid_sides:
+        i, j = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+        rows.append(i.reshape(-1) / p * grid)
+        cols.append(j.reshape(-1) / p * grid)
+    angles_LF = torch.cat([torch.outer(torch.cat(rows), inv_freq), torch.outer(torch.cat(cols), inv_freq)], dim=1)
+    return torch.stack([torch.cos(angles_LF), torch.sin(angles_LF)])

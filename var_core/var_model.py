@@ -36,6 +36,7 @@ from .checkpoint import StateDict
 from .detect import count_indexed
 from .errors import CheckpointError, ParameterError
 from .kv_cache import KVCache, LayerKVCache
+from .rope import apply_rope
 from .var_vqvae import DEFAULT_PATCH_NUMS, VQVAE, embedding
 
 # Persistent buffers of the official module that are recomputed here (level ids and the training
@@ -132,6 +133,8 @@ class SelfAttention(nn.Module):
 
     With a ``cache`` (:class:`.kv_cache.LayerKVCache`, owned by the caller) the keys and values of
     each call are appended to it, so one call per scale attends to all earlier scales without a mask.
+    ``rope_2Lc`` (VARSR): a ``(2, L, c/2)`` (cos, sin) table of the ``L`` new tokens, applied to the
+    (normalised) queries and keys before caching (:func:`.rope.apply_rope`).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, l2_norm: bool, max_scale_mul: float, ops=nn):
@@ -146,7 +149,7 @@ class SelfAttention(nn.Module):
         self.proj = ops.Linear(embed_dim, embed_dim)
 
     def forward(self, x_BLC: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
+                cache: LayerKVCache | None = None, rope_2Lc: torch.Tensor | None = None) -> torch.Tensor:
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = self.mat_qkv(x_BLC) + bias.to(x_BLC)
         q, k, v = rearrange(qkv, "B L (three H c) -> three B H L c", three=3, H=self.H).unbind(0)
@@ -157,6 +160,8 @@ class SelfAttention(nn.Module):
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(self.c)  # the official non-cosine scale
+        if rope_2Lc is not None:
+            q, k = apply_rope(q, rope_2Lc), apply_rope(k, rope_2Lc)
         if cache is not None:
             k, v = cache.extend(k, v)
         out_BHLc = attention(q.contiguous(), k.contiguous(), v.contiguous(), mask=mask, scale=scale)
@@ -192,14 +197,15 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C))
 
     def forward(self, x_BLC: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
-        """``cond``: ``(B, C)`` class embedding, or the shared ``(B, 1, 6, C)`` modulation."""
+                cache: LayerKVCache | None = None, rope_2Lc: torch.Tensor | None = None) -> torch.Tensor:
+        """``cond``: ``(B, C)`` class embedding, or the shared ``(B, 1, 6, C)`` modulation;
+        ``rope_2Lc``: VARSR's RoPE table of the tokens (see :class:`SelfAttention`)."""
         if hasattr(self, "ada_gss"):
             gss = self.ada_gss + cond
         else:
             gss = self.ada_lin(cond).view(-1, 1, 6, self.C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = gss.unbind(2)
-        x_BLC = x_BLC + self.attn(ada_layer_norm(x_BLC, scale1, shift1, self.eps), mask, cache).mul(gamma1)
+        x_BLC = x_BLC + self.attn(ada_layer_norm(x_BLC, scale1, shift1, self.eps), mask, cache, rope_2Lc).mul(gamma1)
         return x_BLC + self.ffn(ada_layer_norm(x_BLC, scale2, shift2, self.eps)).mul(gamma2)
 
 
