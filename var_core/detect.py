@@ -11,7 +11,8 @@ Families (``Family`` values) and the keys that identify them:
   ``quantize.embedding.weight`` with ``quant_conv``/``post_quant_conv``.
 * ``var``: class-conditional VAR (``var_d16.pth`` ...): ``class_emb``, ``pos_1LC``, ``blocks.*``.
 * ``varsr``: VARSR (``VARSR.pth``): VAR blocks plus ``con_embedding`` and the ``diffloss`` refiner.
-* ``restorevar``: RestoreVAR (``restorevar.pth``): ``word_embed_cond``, ``cond_proj4`` and ``vae_refiner``.
+* ``restorevar``: RestoreVAR (``restorevar.pth``): ``word_embed_cond`` and ``cond_proj4`` (the latent
+  refiner ``vae_refiner`` is part of the released file; checkpoints trained without it are recognised too).
 * ``swinir``: DiffBIR's SwinIR pre-cleaner (``general_swinir_v1.ckpt``): ``conv_first``,
   ``patch_embed`` and ``layers.*.residual_group``.
 """
@@ -65,7 +66,7 @@ def detect_family(sd: StateDict, *, source: str = "checkpoint") -> str:
         "cfg_uncond" in sd and (_has_prefix(sd, "block_chunks.") or _has_prefix(sd, "blocks."))
     ):
         return Family.INFINITY
-    if _has_prefix(sd, "word_embed_cond.") and _has_prefix(sd, "vae_refiner."):
+    if _has_prefix(sd, "word_embed_cond.") and ("cond_proj4.weight" in sd or _has_prefix(sd, "vae_refiner.")):
         return Family.RESTOREVAR
     if "class_emb.weight" in sd and _has_prefix(sd, "blocks.") and "word_embed.weight" in sd:
         return Family.VAR

@@ -65,6 +65,8 @@ def _builder(family: str):
         _BUILDERS[Family.VAR] = var_model.build
         from . import varsr
         _BUILDERS[Family.VARSR] = varsr.build
+        from . import restorevar
+        _BUILDERS[Family.RESTOREVAR] = restorevar.build
     return _BUILDERS.get(family)
 
 

@@ -442,9 +442,18 @@ class VQVAE(nn.Module):
                   levels: Sequence[int] = (1, 3, 5, -1)) -> list[torch.Tensor]:
         """RestoreVAR's continuous image features: :meth:`encoder_features` ``levels`` (level 1,
         level 3, the middle block, the encoder output for the 5-level VQVAE), each ``bicubic``-resized
-        to ``size`` (default: the latent grid) and flattened to tokens ``(B, h*w, C_level)``.
-        Checked against the RestoreVAR fixture (``cond_fs_{0..3}``)."""
-        feats = self.encoder_features(x_B3HW)
+        to ``size`` (default: the latent grid; RestoreVAR uses its last scale ``p_K``) and flattened
+        to tokens ``(B, h*w, C_level)``. Checked against the RestoreVAR fixture (``cond_fs_{0..3}``).
+
+        A level's feature is its output after **all** of its ResnetBlocks (and attention), before
+        its downsampling, whatever ``num_res_blocks`` is: the official ``Encoder.forward(return_lvls=True)``
+        of RestoreVAR's ``models/basic_vae.py`` appends once per level, after the block loop. RestoreVAR
+        uses only the last entry (``levels=(-1,)``), for which the encoder runs without keeping the others."""
+        if all(i == -1 for i in levels):
+            self.check_image(x_B3HW)
+            feats = [self.encoder(x_B3HW.to(self.quant_conv.weight.dtype))]
+        else:
+            feats = self.encoder_features(x_B3HW)
         hw = tuple(feats[-1].shape[-2:]) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
         out = []
         for i in levels:
