@@ -427,17 +427,24 @@ class VAR(nn.Module):
         return VARSample(image01=image01, f_hat=f_hat, idx=idx, logits_raw=logits_raw)
 
 
+def block_weights(sd: StateDict, *, depth: int, embed_dim: int, num_heads: int) -> StateDict:
+    """The loadable tensors of a VAR-style checkpoint: recomputed buffers dropped, ``zero_k_bias``
+    filled in where an export omitted it, ``scale_mul_1H11`` in ``(1, H, 1, 1)`` layout."""
+    weights = {k: v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
+    for i in range(depth):
+        weights.setdefault(f"blocks.{i}.attn.zero_k_bias", torch.zeros(embed_dim))
+        key = f"blocks.{i}.attn.scale_mul_1H11"
+        if key in weights:
+            weights[key] = weights[key].reshape(1, num_heads, 1, 1)
+    return weights
+
+
 def build(sd: StateDict, *, operations=None) -> tuple[VARConfig, VAR]:
     """Build and strictly load a :class:`VAR` from an (unwrapped) state dict."""
     from .loading import load_strict
 
     config = VARConfig.from_state_dict(sd)
-    weights = {k: v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
-    for i in range(config.depth):
-        weights.setdefault(f"blocks.{i}.attn.zero_k_bias", torch.zeros(config.embed_dim))  # a buffer
-        key = f"blocks.{i}.attn.scale_mul_1H11"
-        if key in weights:
-            weights[key] = weights[key].reshape(1, config.num_heads, 1, 1)
+    weights = block_weights(sd, depth=config.depth, embed_dim=config.embed_dim, num_heads=config.num_heads)
     with torch.device("meta"):
         model = VAR(config=config, operations=operations)
     load_strict(model, weights, what="VAR transformer")

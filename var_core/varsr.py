@@ -48,12 +48,10 @@ from .detect import count_indexed
 from .errors import CheckpointError, ImageInputError, ParameterError
 from .kv_cache import KVCache
 from .rope import ROPE_THETA, scale_aligned_rope_table
-from .var_model import AdaLNBeforeHead, AdaLNSelfAttn, gumbel_softmax, sample_top_k_top_p_
+from .var_model import AdaLNBeforeHead, AdaLNSelfAttn, block_weights, gumbel_softmax, sample_top_k_top_p_
 from .var_vqvae import VQVAE, embedding
 from .varsr_refiner import DiffusionRefiner
 
-# Buffers of the official module recomputed here (``lvl_1L`` is read to find patch_nums).
-_NON_WEIGHT_KEYS = ("lvl_1L", "attn_bias_for_masking")
 # Schedules of the official configs (``--pn``), used only when a checkpoint lacks ``lvl_1L``.
 KNOWN_PATCH_NUMS = (
     (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),  # the default, 512 px (the released VARSR.pth)
@@ -446,12 +444,7 @@ def build(sd: StateDict, *, operations=None) -> tuple[VARSRConfig, VARSR]:
     from .loading import load_strict
 
     config = VARSRConfig.from_state_dict(sd)
-    weights = {k: v for k, v in sd.items() if k not in _NON_WEIGHT_KEYS}
-    for i in range(config.depth):
-        weights.setdefault(f"blocks.{i}.attn.zero_k_bias", torch.zeros(config.embed_dim))  # a buffer
-        key = f"blocks.{i}.attn.scale_mul_1H11"
-        if key in weights:
-            weights[key] = weights[key].reshape(1, config.num_heads, 1, 1)
+    weights = block_weights(sd, depth=config.depth, embed_dim=config.embed_dim, num_heads=config.num_heads)
     with torch.device("meta"):
         model = VARSR(config=config, operations=operations)
     load_strict(model, weights, what="VARSR transformer")
