@@ -102,7 +102,9 @@ class VARLoadStudent(io.ComfyNode):
             description=(
                 "Loads the VARestorer one-step restoration transformer (varestorer.pth: Infinity-2B with LoRA "
                 "adapters) from models/var/. The architecture is read from the weights. Use it with "
-                "VAR One-Step Restore and the Infinity VAE (infinity_vae_d32reg.pth)."
+                "VAR One-Step Restore and the Infinity VAE (infinity_vae_d32reg.pth). It also loads the Infinity "
+                "teacher (infinity_2b_reg.pth) for VAR Iterative Restore and VAR Text to Image; strip_lora turns "
+                "varestorer.pth into that teacher."
             ),
             inputs=[
                 io.Combo.Input(
@@ -128,24 +130,40 @@ class VARLoadStudent(io.ComfyNode):
                         "under bf16 autocast), fp32 elsewhere (CPU). fp16 is not offered: it can overflow."
                     ),
                 ),
+                io.Boolean.Input(
+                    "strip_lora",
+                    default=False,
+                    optional=True,
+                    tooltip=(
+                        "Drop the LoRA adapters, leaving the Infinity-2B base weights: the iterative teacher of "
+                        "VAR Iterative Restore / VAR Text to Image, from the VARestorer file itself. Off for "
+                        "VAR One-Step Restore."
+                    ),
+                ),
             ],
             outputs=[VarModel.Output(display_name="VAR_MODEL", tooltip="The loaded VARestorer transformer.")],
         )
 
     @classmethod
-    def execute(cls, model_name: str, merge_lora: bool = True, weight_dtype: str = "auto") -> io.NodeOutput:
+    def execute(cls, model_name: str, merge_lora: bool = True, weight_dtype: str = "auto",
+                strip_lora: bool = False) -> io.NodeOutput:
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()
         dtype = resolve_student_dtype(weight_dtype, load_device)
         path = folders.full_path(model_name)
         loaded = var_core.load(path, expect=var_core.Family.INFINITY, operations=operations_for(dtype))
         module = loaded.model
+        if strip_lora:
+            if module.lora_state == "adapters":
+                logger.info("VAR model %s: LoRA adapters stripped, the Infinity base model (iterative teacher)",
+                            model_name)
+            var_lora.strip_lora(module)  # before merging: nothing is left to merge
         if merge_lora and module.lora_state == "adapters":
             var_lora.merge_lora(module)  # in the file's precision, before any rounding to bf16
-        if module.lora_state == "none":
+        if module.lora_state == "none" and not strip_lora:
             logger.warning(
-                "VAR model %s has no LoRA adapters: fine for a merged VARestorer export, but the Infinity base "
-                "model (infinity_2b_reg.pth) does not restore in one step", model_name,
+                "VAR model %s has no LoRA adapters: fine for a merged VARestorer export or for the iterative "
+                "nodes, but the Infinity base model (infinity_2b_reg.pth) does not restore in one step", model_name,
             )
         module = module.to(device=offload_device, dtype=dtype).eval()
         patcher = patching.make_patcher(module, load_device=load_device, offload_device=offload_device)

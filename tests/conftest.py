@@ -2,7 +2,7 @@
 
 The ``comfy_server`` fixture starts one real ComfyUI (``tests/comfy_harness.py``) per test
 session with this pack installed and the fixture models in ``models/var/`` (BSQ VAE, VARestorer
-student with LoRA, SwinIR). Tests that use it are
+student with LoRA, SwinIR), latent previews on. Tests that use it are
 marked ``comfyui`` and are skipped, with the reason, when ComfyUI is not installed
 (``.venv/bin/python tests/install_comfyui.py`` installs it).
 """
@@ -35,7 +35,8 @@ def comfy_server(tmp_path_factory):
     missing = [str(p) for p in SERVER_MODELS if not p.is_file()]
     if missing:
         pytest.skip(f"fixture models not present (../shared/fixtures): {missing}")
-    server = ComfyServer(tmp_path_factory.mktemp("comfyui"))
+    # Previews on (ComfyUI's default is none): VARTextToImage then sends one per scale.
+    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), extra_args=["--preview-method", "auto"])
     server.prepare()
     for model in SERVER_MODELS:
         server.add_model(model)

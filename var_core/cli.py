@@ -1,6 +1,8 @@
-"""Command line: ``python -m var_core {restore,info,roundtrip} ...``.
+"""Command line: ``python -m var_core {restore,sample,info,roundtrip} ...``.
 
-* ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default).
+* ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default);
+  ``--iterative`` restores with the iterative Infinity teacher instead (next-scale sampling).
+* ``sample --prompt TEXT -o DIR --weights DIR``: Infinity text to image (next-scale sampling).
 * ``info FILE...``: detect each checkpoint's family and print the architecture read from it.
 * ``roundtrip IMAGE... --vae FILE -o DIR``: encode images into pyramid tokens with an Infinity BSQ
   VAE and decode them again (shows what the token pyramid preserves).
@@ -18,11 +20,11 @@ import numpy as np
 import torch
 
 from . import image as image_io
-from . import pyramid, restore
+from . import pyramid, restore, sampler
 from .detect import DESCRIPTIONS, Family
 from .errors import VARError
 from .loading import inspect, load
-from .tiling import count_tiles
+from .schedules import PIXEL_BUDGETS
 
 log = logging.getLogger("var_core")
 
@@ -90,7 +92,8 @@ def cmd_roundtrip(args) -> int:
 
 
 # Official file names looked up in --weights DIR (a .safetensors copy with the same stem works too).
-OFFICIAL = {"model": "varestorer", "vae": "infinity_vae_d32reg", "swinir": "general_swinir_v1", "t5": "flan-t5-xl"}
+OFFICIAL = {"model": "varestorer", "teacher": "infinity_2b_reg", "vae": "infinity_vae_d32reg",
+            "swinir": "general_swinir_v1", "t5": "flan-t5-xl"}
 
 
 def _find(folder: Path | None, stem: str, explicit: str | None, *, required: bool, what: str) -> Path | None:
@@ -118,51 +121,155 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def cmd_restore(args) -> int:
-    from tqdm import tqdm
-
-    from . import text as text_lib
-
+def _weights_folder(args) -> Path | None:
     folder = Path(args.weights) if args.weights else None
     if folder is not None and not folder.is_dir():
         raise VARError(f"--weights {folder}: not a folder")
+    return folder
+
+
+def _teacher_path(folder: Path | None, explicit: str | None) -> Path:
+    """The iterative Infinity teacher: ``--model`` or ``infinity_2b_reg`` in ``--weights``."""
+    path = _find(folder, OFFICIAL["teacher"], explicit, required=False, what="Infinity model")
+    if path is None:
+        where = f"in {folder}" if folder else "(no --weights folder given)"
+        raise VARError(f"Infinity model not found {where}: expected {OFFICIAL['teacher']}.pth or .safetensors; "
+                       "pass --weights DIR or --model FILE (a varestorer.pth works too: its LoRA is stripped)")
+    return path
+
+
+def _load_teacher(path: Path, device: torch.device):
+    """Load the teacher; a VARestorer file works too: its LoRA adapters are stripped (its base is Infinity-2B)."""
+    from .lora import strip_lora
+
+    model = load(path, expect=Family.INFINITY).model
+    if model.lora_state == "adapters":
+        log.info("%s has LoRA adapters (the VARestorer student): stripped, sampling with the Infinity base", path)
+        strip_lora(model)
+    return model.to(device)
+
+
+def _t5_path(folder: Path | None, args, *prompts: str) -> Path | None:
+    """The T5 folder when a prompt is not empty (checked before any model is loaded)."""
+    if not any(p.strip() for p in prompts):
+        return None
+    return _find(folder, OFFICIAL["t5"], args.t5, required=True, what="T5 text encoder folder")
+
+
+def _encode_prompts(t5_path: Path | None, prompts: list[str], device: torch.device) -> list:
+    """T5 features of each prompt on ``device``, or None for an empty prompt (no T5 needed)."""
+    from . import text as text_lib
+
+    encoder = text_lib.T5TextEncoder.from_folder(t5_path) if t5_path is not None else None
+    out = []
+    for prompt in prompts:
+        if not prompt.strip():
+            out.append(None)
+            continue
+        text = encoder.encode([prompt], device=device)
+        out.append(text_lib.TextCondition(text.kv_compact.to(device), text.lens))
+    return out
+
+
+def _sampler_options(args) -> sampler.SamplerOptions:
+    return sampler.SamplerOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+                                  next_scale=args.next_scale, seed=args.seed)
+
+
+def cmd_restore(args) -> int:
+    from tqdm import tqdm
+
+    folder = _weights_folder(args)
     paths = _images(args.inputs)
-    model_path = _find(folder, OFFICIAL["model"], args.model, required=True, what="VARestorer model")
-    vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
-    swinir_path = None if args.no_swinir else _find(folder, OFFICIAL["swinir"], args.swinir, required=False, what="SwinIR")
+    device = torch.device(args.device)
     options = restore.RestoreOptions(scale=args.scale, tile=args.tile, overlap=args.overlap, sampling=args.sampling,
                                      seed=args.seed, color_fix=args.color_fix)
-    device = torch.device(args.device)
-    model = load(model_path, expect=Family.INFINITY).model
-    if args.merge_lora:
-        from .lora import merge_lora
+    sampler_options = _sampler_options(args) if args.iterative else None
+    if args.iterative:
+        model_path = _teacher_path(folder, args.model)
+    else:
+        model_path = _find(folder, OFFICIAL["model"], args.model, required=True, what="VARestorer model")
+    vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
+    swinir_path = None if args.no_swinir else _find(folder, OFFICIAL["swinir"], args.swinir, required=False, what="SwinIR")
+    t5_path = _t5_path(folder, args, args.prompt)
+    if args.iterative:
+        model = _load_teacher(model_path, device)
+    else:
+        model = load(model_path, expect=Family.INFINITY).model
+        if args.merge_lora:
+            from .lora import merge_lora
 
-        merge_lora(model)
-    model.to(device)
+            merge_lora(model)
+        model.to(device)
     vae = load(vae_path, expect=Family.INFINITY_BSQ_VAE).model.to(device)
     swinir = load(swinir_path, expect=Family.SWINIR).model.to(device) if swinir_path else None
     if swinir_path is None:
         log.info("no SwinIR pre-cleaner (%s not found); restoring without it", OFFICIAL["swinir"])
-    text = None
-    if args.prompt.strip():
-        t5_path = _find(folder, OFFICIAL["t5"], args.t5, required=True, what="T5 text encoder folder")
-        text = text_lib.T5TextEncoder.from_folder(t5_path).encode([args.prompt], device=device)
-        text = text_lib.TextCondition(text.kv_compact.to(device), text.lens)
+    (text,) = _encode_prompts(t5_path, [args.prompt], device)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for path in paths:
         rgb, alpha = image_io.split_alpha(image_io.load_image_file(path))
         h, w = rgb.shape[1:3]
         H, W = restore.output_size(h, w, options.scale)
-        with tqdm(total=count_tiles(H, W, options.tile, options.overlap), desc=path.name, unit="tile",
+        steps = restore.count_steps(h, w, options, iterative=args.iterative)
+        with tqdm(total=steps, desc=path.name, unit="scale" if args.iterative else "tile",
                   disable=args.quiet) as bar, torch.inference_mode(), _autocast(device, args.dtype):
-            y = restore.restore_image(model, vae, image_io.to_model(rgb), text=text, swinir=swinir, options=options,
-                                      progress=lambda done, total: bar.update(done - bar.n))
+            x = image_io.to_model(rgb)
+            kwargs = dict(text=text, swinir=swinir, options=options, progress=lambda done, total: bar.update(done - bar.n))
+            if args.iterative:
+                y = restore.iterative_restore_image(model, vae, x, sampler_options=sampler_options, **kwargs)
+            else:
+                y = restore.restore_image(model, vae, x, **kwargs)
         result = image_io.merge_alpha(image_io.from_model(y.float().cpu()), alpha)
         target = out / (path.stem + ".png")
         save_image(result, target)
         log.info("%s (%dx%d) -> %s (%dx%d)", path, w, h, target, W, H)
     return 0
+
+
+def cmd_sample(args) -> int:
+    from tqdm import tqdm
+
+    from .schedules import scale_schedule, schedule_pixels
+
+    folder = _weights_folder(args)
+    if args.batch < 1:
+        raise VARError(f"--batch must be at least 1, got {args.batch}")
+    options = _sampler_options(args)
+    schedule = scale_schedule(args.aspect, args.pn)
+    device = torch.device(args.device)
+    model_path = _teacher_path(folder, args.model)
+    vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
+    t5_path = _t5_path(folder, args, args.prompt, args.negative_prompt)
+    model = _load_teacher(model_path, device)
+    vae = load(vae_path, expect=Family.INFINITY_BSQ_VAE).model.to(device)
+    text, negative = _encode_prompts(t5_path, [args.prompt, args.negative_prompt], device)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(schedule)
+    with tqdm(total=n * args.batch, desc="sample", unit="scale", disable=args.quiet) as bar, \
+            torch.inference_mode(), _autocast(device, args.dtype):
+        result = sampler.generate(model, vae, text, schedule, options, batch=args.batch, negative_text=negative,
+                                  callback=lambda i, p: bar.update(i * n + p.index + 1 - bar.n), device=device)
+    images = image_io.from_model(result.image.float().cpu())
+    H, W = schedule_pixels(schedule)
+    for i in range(args.batch):
+        target = out / f"sample_{args.seed + i}.png"
+        save_image(images[i : i + 1], target)
+        log.info("%s (%dx%d, %d scales, seed %d)", target, W, H, n, args.seed + i)
+    return 0
+
+
+def _add_sampler_args(p, *, what: str) -> None:
+    defaults = sampler.SamplerOptions()
+    p.add_argument("--cfg", type=float, default=defaults.cfg, help=f"{what}classifier-free guidance (1 = off; default 3)")
+    p.add_argument("--tau", type=float, default=defaults.tau, help=f"{what}sampling temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=defaults.top_k,
+                   help=f"{what}top-k of each bit's two outcomes (1 = greedy; default 900 = off)")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help=f"{what}top-p (0 = off; default 0.97)")
+    p.add_argument("--next-scale", choices=("area", "trilinear"), default=defaults.next_scale,
+                   help=f"{what}how the summed codes are resized into the next scale's input (default area)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,7 +300,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="compute precision (auto: bf16 on CUDA GPUs that support it, else fp32)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--iterative", action="store_true",
+                   help="restore with the iterative Infinity teacher (infinity_2b_reg.pth in --weights, or --model; "
+                        "a varestorer file has its LoRA stripped) instead of the one-step student; --sampling and "
+                        "--no-merge-lora do not apply")
+    _add_sampler_args(p, what="--iterative: ")
     p.set_defaults(func=cmd_restore)
+    p = sub.add_parser("sample", help="Infinity text to image (iterative next-scale sampling)")
+    p.add_argument("--prompt", default="", help="text prompt (needs flan-t5-xl); empty = unconditional")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (needs flan-t5-xl); empty = the model's own")
+    p.add_argument("-o", "--output", required=True, help="output folder (PNG files sample_SEED.png)")
+    p.add_argument("--weights", help="folder with infinity_2b_reg.pth, infinity_vae_d32reg.pth and flan-t5-xl/")
+    p.add_argument("--seed", type=int, default=0, help="seed; image i of the batch uses seed + i")
+    _add_sampler_args(p, what="")
+    p.add_argument("--aspect", type=float, default=1.0,
+                   help="height / width; the nearest Infinity template is used (default 1.0)")
+    p.add_argument("--pn", choices=tuple(PIXEL_BUDGETS), default="1M",
+                   help="pixel budget (1M: about 1024x1024; default 1M)")
+    p.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    p.add_argument("--model", help="Infinity weights file (overrides --weights)")
+    p.add_argument("--vae", help="Infinity VAE weights file (overrides --weights)")
+    p.add_argument("--t5", help="flan-t5-xl folder (overrides --weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision (auto: bf16 on CUDA GPUs that support it, else fp32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
     p = sub.add_parser("info", help="detect checkpoint families and print their architecture")
     p.add_argument("files", nargs="+", help="weights files (.safetensors, .pth, .ckpt)")
     p.set_defaults(func=cmd_info)

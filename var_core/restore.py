@@ -1,4 +1,4 @@
-"""Any-size, any-aspect one-step restoration with VARestorer (tiles, SwinIR, colour fix, seeds).
+"""Any-size, any-aspect restoration: VARestorer one-step, or the iterative teacher (tiles, SwinIR, colour fix, seeds).
 
 The official pipeline (``gen_one_img_anyres`` of EternalEvan/VARestorer ``tools/run_varestorer.py``)
 squashes the input to 512 x 512 or tiles a resized image. Here the low-quality image is resized
@@ -7,6 +7,11 @@ model-sized tiles (:mod:`.tiling`); each tile is fitted to the nearest Infinity 
 optionally pre-cleaned by SwinIR, encoded into its token pyramid, restored in one forward pass
 (:func:`.student.restore`) and decoded. Image ``i`` of a batch draws its sampling noise from
 ``seed + i``, so a batch gives the same images as single runs, and a seed always gives the same result.
+
+:func:`iterative_restore_image` runs the same path (sizes, tiles, SwinIR, seeds, colour fix) with
+the iterative Infinity teacher in place of the student: each tile is restored by next-scale
+sampling conditioned on its LQ pyramid (:func:`.sampler.iterative_restore`), the baseline that
+VARestorer distils into one step.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import sampler as sampler_lib
 from . import student, swinir as swinir_lib, text as text_lib
 from .bsq_vae import BSQVAE
 from .colorfix import MODES as COLOR_FIX_MODES
@@ -25,8 +31,9 @@ from .colorfix import color_fix
 from .errors import ImageInputError, ParameterError
 from .infinity_model import Infinity, TextCondition
 from .pyramid import Pyramid, decode_pyramid, model_device
+from .sampler import SamplerOptions, SamplingInterrupted, check_text_channels
 from .schedules import fit_schedule, schedule_pixels
-from .tiling import run_tiled_with_retry
+from .tiling import count_tiles, run_tiled_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +89,101 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _text_for(model: Infinity, text: TextCondition | None, batch: int, device) -> TextCondition:
     """One condition per image on ``device``; ``None`` is the unconditional text."""
     text = text if text is not None else text_lib.unconditional(model.cfg_uncond)
+    check_text_channels(model, text)
     if text.batch_size != batch:
         if text.batch_size != 1:
             raise ParameterError(f"{text.batch_size} prompts for a batch of {batch} images; give one prompt or one per image")
         text = TextCondition(text.kv_compact.repeat(batch, 1), text.lens * batch)
     return TextCondition(text.kv_compact.to(device), text.lens)
+
+
+TileRestore = Callable[[torch.Tensor, list, TextCondition, list[int], Callable[[], None]], torch.Tensor]
+
+
+def _interrupt_check(check_interrupt: Callable[[], object] | None) -> Callable[[], None] | None:
+    """``check_interrupt`` that raises: a callable that raises itself (ComfyUI's) is kept as is; a
+    true return raises :class:`~.sampler.SamplingInterrupted`."""
+    if check_interrupt is None:
+        return None
+
+    def check() -> None:
+        if check_interrupt():
+            raise SamplingInterrupted("restoration stopped")
+
+    return check
+
+
+def _text_rows(text: TextCondition) -> list[TextCondition]:
+    """One single-prompt condition per prompt of ``text``."""
+    return [TextCondition(kv_NC, (n,)) for kv_NC, n in zip(torch.split(text.kv_compact, text.lens), text.lens)]
+
+
+def steps_per_tile(tile_h: int, tile_w: int, batch: int, *, iterative: bool) -> int:
+    """Progress steps of one tile: 1 for the one-step student (the batch in one pass), one per
+    scale and image for the iterative teacher (each image is sampled alone)."""
+    return batch * len(fit_schedule(tile_h, tile_w)) if iterative else 1
+
+
+def count_steps(h: int, w: int, options: RestoreOptions, *, batch: int = 1, iterative: bool = False) -> int:
+    """Progress steps of restoring a batch of ``h x w`` images (tiles, times scales when iterative)."""
+    H, W = output_size(h, w, options.scale)
+    return count_tiles(H, W, options.tile, options.overlap) * steps_per_tile(
+        min(options.tile, H), min(options.tile, W), batch, iterative=iterative)
+
+
+def _restore_tiled(
+    model: Infinity,
+    vae: BSQVAE,
+    lq_B3HW: torch.Tensor,
+    restore_tile: TileRestore,
+    *,
+    text: TextCondition | None,
+    swinir: torch.nn.Module | None,
+    options: RestoreOptions,
+    iterative: bool,
+    progress: Callable[[int, int], None] | None,
+    check_interrupt: Callable[[], object] | None,
+    device: torch.device | None,
+) -> torch.Tensor:
+    """The shared any-size path: resize by the scale, tile, fit each tile to a schedule, SwinIR,
+    seeds, blend, colour fix. ``restore_tile(lq, schedule, text, seeds, step)`` restores one tile
+    ``(B, 3, 16h, 16w)`` sized to ``schedule`` with one seed per image and calls ``step()`` after
+    each progress step (:func:`steps_per_tile`); ``progress(done, total)`` counts those steps."""
+    if lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
+        raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {tuple(lq_B3HW.shape)}")
+    device = device or model_device(model)
+    b, _, h, w = lq_B3HW.shape
+    H, W = output_size(h, w, options.scale)
+    x_B3HW = _resize(lq_B3HW.to(device), (H, W))
+    text = _text_for(model, text, b, device)
+    check = _interrupt_check(check_interrupt)
+    state = {"tile": options.tile, "overlap": options.overlap, "done": 0, "index": 0}
+
+    def total() -> int:
+        t = state["tile"]
+        return count_tiles(H, W, t, state["overlap"]) * steps_per_tile(min(t, H), min(t, W), b, iterative=iterative)
+
+    def step() -> None:
+        state["done"] += 1
+        if progress:
+            progress(state["done"], total())
+
+    def on_retry(tile: int) -> None:  # run_tiled_with_retry halved the tile and the overlap
+        state.update(tile=tile, overlap=state["overlap"] // 2, done=0)
+
+    def tile_fn(t_B3hw: torch.Tensor) -> torch.Tensor:
+        th, tw = t_B3hw.shape[-2:]
+        schedule = fit_schedule(th, tw)
+        lq = _resize(t_B3hw, schedule_pixels(schedule))
+        if swinir is not None:
+            lq = swinir_lib.clean(swinir, lq)
+        seeds = [((options.seed + i) * 1_000_003 + state["index"]) % 2**63 for i in range(b)]
+        state["index"] += 1
+        return _resize(restore_tile(lq, schedule, text, seeds, step), (th, tw))
+
+    out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap,
+                               check_interrupt=check, on_retry=on_retry)
+    return color_fix(out, x_B3HW, options.color_fix).clamp(-1, 1)
 
 
 def restore_image(
@@ -98,42 +195,68 @@ def restore_image(
     swinir: torch.nn.Module | None = None,
     options: RestoreOptions = RestoreOptions(),
     progress: Callable[[int, int], None] | None = None,
-    check_interrupt: Callable[[], None] | None = None,
+    check_interrupt: Callable[[], object] | None = None,
     device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Restore ``lq`` ``(B, 3, h, w)`` in [-1, 1] to ``(B, 3, H, W)`` in [-1, 1] (``H = h * scale``).
+    """Restore ``lq`` ``(B, 3, h, w)`` in [-1, 1] to ``(B, 3, H, W)`` in [-1, 1] (``H = h * scale``)
+    with the one-step student.
 
     ``text=None`` uses the model's unconditional text embedding (an empty prompt). ``device`` is
-    where to compute (default: where the model's first parameter is).
+    where to compute (default: where the model's first parameter is). ``progress(done, total)``
+    runs after each tile, ``check_interrupt()`` before each (it raises, or returns true to stop
+    with :class:`~.sampler.SamplingInterrupted`).
     """
-    if lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
-        raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {tuple(lq_B3HW.shape)}")
-    device = device or model_device(model)
-    b, _, h, w = lq_B3HW.shape
-    H, W = output_size(h, w, options.scale)
-    x = _resize(lq_B3HW.to(device), (H, W))
-    text = _text_for(model, text, b, device)
-    tile_index = 0
+    gumbel = options.sampling == "gumbel"
 
-    def restore_tile(t: torch.Tensor) -> torch.Tensor:
-        nonlocal tile_index
-        th, tw = t.shape[-2:]
-        schedule = fit_schedule(th, tw)
-        lq = _resize(t, schedule_pixels(schedule))
-        if swinir is not None:
-            lq = swinir_lib.clean(swinir, lq)
-        gens = None
-        if options.sampling == "gumbel":
-            gens = [torch.Generator(device).manual_seed(((options.seed + i) * 1_000_003 + tile_index) % 2**63)
-                    for i in range(b)]
-        tile_index += 1
-        res = student.restore(model, vae, lq, text, schedule, tau=options.tau, generator=gens,
-                              sample=options.sampling == "gumbel")
-        return _resize(res.image, (th, tw))
+    def one_step(lq_B3hw, schedule, text, seeds, step):
+        gens = [torch.Generator(lq_B3hw.device).manual_seed(s) for s in seeds] if gumbel else None
+        res = student.restore(model, vae, lq_B3hw, text, schedule, tau=options.tau, generator=gens, sample=gumbel)
+        step()
+        return res.image
 
-    out = run_tiled_with_retry(restore_tile, x, tile=options.tile, overlap=options.overlap,
-                               progress=progress, check_interrupt=check_interrupt)
-    return color_fix(out, x, options.color_fix).clamp(-1, 1)
+    return _restore_tiled(model, vae, lq_B3HW, one_step, text=text, swinir=swinir, options=options, iterative=False,
+                          progress=progress, check_interrupt=check_interrupt, device=device)
+
+
+def iterative_restore_image(
+    model: Infinity,
+    vae: BSQVAE,
+    lq_B3HW: torch.Tensor,
+    *,
+    text: TextCondition | None = None,
+    swinir: torch.nn.Module | None = None,
+    options: RestoreOptions = RestoreOptions(),
+    sampler_options: SamplerOptions = SamplerOptions(),
+    lq_scales: int = sampler_lib.LQ_INPUT_SCALES,
+    progress: Callable[[int, int], None] | None = None,
+    check_interrupt: Callable[[], object] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Restore ``lq`` as :func:`restore_image` does (same sizes, tiles, SwinIR, colour fix), but
+    each tile with the iterative Infinity teacher (:func:`.sampler.iterative_restore`: next-scale
+    sampling with the LQ pyramid as the input of the first ``lq_scales`` scales).
+
+    ``options``: ``scale``, ``tile``, ``overlap``, ``color_fix`` and ``seed`` (``sampling`` and
+    ``tau`` are the student's and not used). ``sampler_options``: guidance, temperature, top-k/p,
+    next-scale mode; its ``seed`` is not used: image ``i`` of tile ``k`` draws from a generator
+    seeded with ``options.seed + i`` and ``k`` (as the one-step path), and each image is sampled
+    alone, so a batch gives the same images as single runs. ``progress(done, total)`` counts
+    scales (of every image of every tile); ``check_interrupt()`` runs before each scale.
+    """
+    check = _interrupt_check(check_interrupt)
+
+    def iterative(lq_B3hw, schedule, text, seeds, step):
+        images = []
+        for i, (seed, text_i) in enumerate(zip(seeds, _text_rows(text))):
+            gen = torch.Generator(lq_B3hw.device).manual_seed(seed)
+            res = sampler_lib.iterative_restore(model, vae, lq_B3hw[i : i + 1], text_i, schedule, sampler_options,
+                                                lq_scales=lq_scales, generator=gen, callback=lambda _p: step(),
+                                                check_interrupt=check)
+            images.append(res.image)
+        return torch.cat(images)
+
+    return _restore_tiled(model, vae, lq_B3HW, iterative, text=text, swinir=swinir, options=options, iterative=True,
+                          progress=progress, check_interrupt=check_interrupt, device=device)
 
 
 def restore_pyramid(model: Infinity, vae: BSQVAE, pyramid: Pyramid, *, text: TextCondition | None = None,

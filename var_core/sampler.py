@@ -16,6 +16,11 @@ by the scale's temperature ``tau``, filtered (top-k, top-p) and sampled. The sam
 summed on the last scale's grid (``trilinear``) and resized to the next scale (``area`` in
 VARestorer's copy of the sampler, ``trilinear`` in FoundationVision/Infinity's) as its input.
 
+:func:`generate` is text to image (one seeded sampling per image, decoded by the VAE);
+:func:`iterative_restore` restores an LQ image sized to a schedule (the any-size, tiled version
+is :func:`.restore.iterative_restore_image`); :func:`codes_preview` is a cheap false-colour view
+of the codes summed so far, for progress previews.
+
 Shapes: ``B`` batch, ``l`` tokens of one scale (``h*w``), ``d`` bits per token, ``V = 2d``
 logits per token, ``C`` width, ``H x W`` the last scale; bits are ``(B, h, w, d)`` MSB-first.
 """
@@ -155,6 +160,16 @@ def sample_bits(logits_BlV: torch.Tensor, *, top_k: int = 0, top_p: float = 0.0,
         pairs_Nt = pairs_Nt.masked_fill(drop_Nt.scatter(-1, order_Nt, drop_Nt), -torch.inf)
     drawn_N1 = torch.multinomial(pairs_Nt.softmax(-1), 1, replacement=True, generator=generator)
     return drawn_N1.view(B, l, V // 2)
+
+
+def check_text_channels(model: Infinity, text: TextCondition) -> None:
+    """Refuse T5 features of another width than the model reads (another T5 than the model's)."""
+    channels = text.kv_compact.shape[-1]
+    if channels != model.config.text_channels:
+        raise ParameterError(
+            f"the text has {channels}-channel T5 features but the model takes {model.config.text_channels} "
+            "channels; encode the prompt with the T5 that belongs to the model (flan-t5-xl for Infinity-2B)"
+        )
 
 
 def _guided_text(model: Infinity, text: TextCondition, negative: TextCondition | None) -> TextCondition:
@@ -329,3 +344,69 @@ def iterative_restore(model: Infinity, vae: BSQVAE, lq: torch.Tensor | Sequence[
     if decode:
         result.image = vae.decode(result.codes)
     return result
+
+
+def generate(model: Infinity, vae: BSQVAE | None, text: TextCondition | None, schedule,
+             options: SamplerOptions = SamplerOptions(), *, batch: int = 1, negative_text: TextCondition | None = None,
+             callback: Callable[[int, ScaleProgress], None] | None = None,
+             check_interrupt: Callable[[], object] | None = None, device: torch.device | None = None) -> SampleResult:
+    """Text to image: ``batch`` images over ``schedule`` (``[(1, h, w), ...]``, e.g. :func:`.schedules.scale_schedule`).
+
+    ``text``: one prompt for every image or one per image (``None``: unconditional, the first
+    row of ``cfg_uncond``); ``negative_text`` likewise (``None``: ``cfg_uncond``). Image ``i`` is
+    sampled alone with the generator of seed ``options.seed + i`` (``seed=None``: torch's global
+    generator), so a batch gives the same images as single runs. ``callback(i, progress)`` runs
+    after each scale of image ``i``, ``check_interrupt`` before each scale. With ``vae`` the
+    images ``(B, 3, 16H, 16W)`` in [-1, 1] are decoded; ``logits`` are not kept (empty).
+    """
+    if batch < 1:
+        raise ParameterError(f"batch must be at least 1, got {batch}")
+    device = device or model.pos_start.device
+
+    def rows(cond: TextCondition | None, what: str) -> list[TextCondition | None]:
+        if cond is None:
+            return [None] * batch
+        if cond.batch_size not in (1, batch):
+            raise ParameterError(f"{cond.batch_size} {what} for a batch of {batch} images; give one or one per image")
+        kv_NC = cond.kv_compact.to(device)
+        parts = [TextCondition(kv, (n,)) for kv, n in zip(torch.split(kv_NC, cond.lens), cond.lens)]
+        return parts * batch if len(parts) == 1 else parts
+
+    for cond in (text, negative_text):
+        if cond is not None:
+            check_text_channels(model, cond)
+    texts, negatives = rows(text, "prompts"), rows(negative_text, "negative prompts")
+    bits_out, codes_out, images = [], [], []
+    for i in range(batch):
+        text_i = texts[i] if texts[i] is not None else TextCondition(model.cfg_uncond[:1].float(), (1,))
+        generator = None
+        if options.seed is not None:
+            generator = torch.Generator(device=device).manual_seed((int(options.seed) + i) % 2**64)
+        step = None if callback is None else (lambda p, i=i: callback(i, p))
+        res = sample(model, text_i, schedule, options, negative_text=negatives[i], generator=generator,
+                     callback=step, check_interrupt=check_interrupt)
+        bits_out.append(res.bits)
+        codes_out.append(res.codes)
+        if vae is not None:
+            images.append(vae.decode(res.codes))
+    return SampleResult(bits=[torch.cat(scale) for scale in zip(*bits_out)], logits=[],
+                        codes=torch.cat(codes_out), image=torch.cat(images) if images else None)
+
+
+def codes_preview(codes_Bd1HW: torch.Tensor) -> torch.Tensor:
+    """A cheap false-colour preview of the first image's summed codes ``(B, d, 1, H, W)``:
+    their projection on the three principal components (largest loading positive, so the
+    colours stay put from scale to scale), mapped to ``(H, W, 3)`` in [0, 1] on the CPU.
+    No VAE decode: the colours are not the image's, the layout is."""
+    x_dHW = codes_Bd1HW[0, :, 0].detach().float().cpu()
+    d, H, W = x_dHW.shape
+    x_Nd = x_dHW.reshape(d, H * W).T
+    x_Nd = x_Nd - x_Nd.mean(0)
+    _, vecs_dd = torch.linalg.eigh(x_Nd.T @ x_Nd)  # eigenvalues ascending
+    pcs_dk = vecs_dd[:, -3:].flip(-1)
+    signs_k = torch.sign(pcs_dk.gather(0, pcs_dk.abs().argmax(0, keepdim=True)))
+    proj_Nk = x_Nd @ (pcs_dk * signs_k)
+    if proj_Nk.shape[1] < 3:
+        proj_Nk = F.pad(proj_Nk, (0, 3 - proj_Nk.shape[1]))
+    spread_k = proj_Nk.std(0, correction=0).clamp_min(1e-6)
+    return (0.5 + proj_Nk / (5 * spread_k)).clamp(0, 1).T.reshape(3, H, W).permute(1, 2, 0)
