@@ -80,6 +80,8 @@ def test_fixture_cases(manifest):
 
 @torch.no_grad()
 def test_greedy_matches_teacher_forced_argmax(model, text, schedule, io):
+    """KV-cached sampling with CFG 1 gives the logits of the unguided, uncached teacher-forced pass
+    fed the same bits (CFG 1 equals the unguided path)."""
     res = sampler.sample(model, text, schedule, GREEDY)
     forced = sampler.teacher_forced_logits(model, res.bits, text, schedule, next_scale="area")
     for i, (_, h, w) in enumerate(schedule):

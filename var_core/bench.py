@@ -3,8 +3,10 @@
 Builds VARestorer-shaped models from random weights (``real`` = Infinity-2B student and the d32
 BSQ VAE; weights are created on the target device, no CPU random init) and prints, from one
 process: one 512 x 512 tile end to end, the transformer forward alone, VAE encode and decode, and
-the time and peak memory per megapixel of tiled restores at 0.25, 1 and 4 MP. Medians of several
-runs after a warm-up. The iterative-teacher columns stay empty until the teacher sampler exists.
+the time and peak memory per megapixel of tiled restores at 0.25, 1 and 4 MP, and the iterative
+teacher (next-scale sampling with a KV cache and the official sampler settings, on the same
+checkpoint and image) for the
+one-step / iterative ratio. Medians of several runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from . import restore, student, text
+from . import restore, sampler, student, text
 from .bsq_vae import BSQVAE, BSQVAEConfig
 from .infinity_model import Infinity, InfinityConfig
 from .schedules import fit_schedule
@@ -107,8 +109,10 @@ def run(size: str, device: torch.device, runs: int, megapixels: list[float]) -> 
         out["vae_decode_s"] = timed(lambda: vae.decode_bits(bits, schedule), device, runs)
         out["forward_s"] = timed(lambda: model.forward_logits(x_BLd, tdev, schedule), device, runs)
         out["student_s"] = timed(lambda: student.restore(model, vae, x, tdev, schedule, sample=False), device, runs)
-        out["teacher_s"] = None  # the iterative teacher sampler is not implemented yet
-        out["teacher_over_student"] = None
+        official = sampler.SamplerOptions()  # the official settings: cfg 3 (two passes per scale), top-k 900
+        out["teacher_s"] = timed(lambda: sampler.iterative_restore(model, vae, x, tdev, schedule, official),
+                                 device, runs)
+        out["teacher_over_student"] = out["teacher_s"] / out["student_s"]
         out["per_mp_s"], out["peak_mem_mb"] = {}, {}
         for mp in megapixels:
             side = int(math.sqrt(mp * 1e6))
