@@ -8,11 +8,11 @@ from . import folders
 
 folders.register()
 
-from . import sampler, student, text, vae  # noqa: E402  (the node modules read the registered folder)
+from . import families, sampler, student, text, vae  # noqa: E402  (the node modules read the registered folder)
 
 
 class VARExtension(ComfyExtension):
     """The pack's node list, handed to ComfyUI by the top-level ``comfy_entrypoint``."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*vae.NODES, *student.NODES, *text.NODES, *sampler.NODES]
+        return [*vae.NODES, *student.NODES, *text.NODES, *sampler.NODES, *families.NODES]

@@ -15,6 +15,10 @@ EXTENSIONS = {".safetensors", ".pth", ".ckpt", ".pt", ".bin"}
 OFFICIAL_VAE = "infinity_vae_d32reg.pth"
 OFFICIAL_STUDENT = ("varestorer.pth", "varestorer.safetensors")
 OFFICIAL_SWINIR = ("general_swinir_v1.ckpt", "general_swinir_v1.safetensors")
+# VQVAEs of VAR, VARSR and RestoreVAR; the transformers of every family (VARestorer first).
+OFFICIAL_VQVAE = ("vae_ch160v4096z32.pth", "VQVAE.pth", "vae_restorevar.ckpt")
+OFFICIAL_MODELS = (*OFFICIAL_STUDENT, "VARSR.pth", "restorevar.pth", "var_d16.pth")
+OFFICIAL_VAR = ("var_d16.pth", "var_d20.pth", "var_d24.pth", "var_d30.pth")
 TEXT_ENCODERS = "text_encoders"
 OFFICIAL_T5 = "flan-t5-xl"
 

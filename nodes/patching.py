@@ -8,11 +8,14 @@ only moved by a full load: plain ``nn.Parameter``s of modules that also have chi
 SwinIR's ``relative_position_bias_table``), buffers, and leaf modules that are not ``comfy.ops``
 layers (``RMSNorm``, peft's LoRA ``lora_A`` / ``lora_B``). These are small; after every load
 :func:`place_unstreamed` moves them to the load device, so that a partially loaded model computes
-on the GPU (``var_core`` takes its compute device from its parameters).
+on the GPU (``var_core`` takes its compute device from its parameters). The VAR-family modules,
+whose ``device`` is a read-only property, are made to accept ComfyUI's ``model.device`` record
+(:func:`settable_device`).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import comfy.model_patcher
@@ -47,9 +50,39 @@ def place_unstreamed(patcher, device_to, lowvram_model_memory=0, force_patch_wei
     return moved
 
 
+_SETTABLE_DEVICE: dict[type, type] = {}
+
+
+def settable_device(module: torch.nn.Module) -> torch.nn.Module:
+    """``ModelPatcher`` records the device it loaded a model to in ``model.device`` (and reads it back
+    as the model's current device). The VAR, VARSR and RestoreVAR modules have a read-only ``device``
+    property (where their weights are) that their code computes on. Such a module gets a subclass of
+    its own class (``isinstance`` unchanged) whose ``device`` returns what ComfyUI recorded, else the
+    weights' device: after a partial load (weights streamed from the CPU) that is the load device,
+    where the computation must happen."""
+    cls = type(module)
+    prop = inspect.getattr_static(cls, "device", None)
+    if isinstance(prop, property) and prop.fset is None:
+        sub = _SETTABLE_DEVICE.get(cls)
+        if sub is None:
+            def get(self, _weights=prop.fget):
+                recorded = self.__dict__.get("_comfy_device")
+                return recorded if recorded is not None else _weights(self)
+
+            def set_(self, value):
+                self.__dict__["_comfy_device"] = None if value is None else torch.device(value)
+
+            sub = type(cls.__name__, (cls,), {"device": property(get, set_), "__module__": cls.__module__,
+                                              "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+            _SETTABLE_DEVICE[cls] = sub
+        module.__class__ = sub
+    return module
+
+
 def make_patcher(module: torch.nn.Module, *, load_device, offload_device) -> comfy.model_patcher.ModelPatcher:
     """A ``ModelPatcher`` for a ``var_core`` model built with ``comfy.ops`` layers, safe to load partially."""
-    patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(settable_device(module), load_device=load_device,
+                                               offload_device=offload_device)
     patcher.add_callback(CallbacksMP.ON_LOAD, place_unstreamed)
     return patcher
 

@@ -22,7 +22,7 @@ from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.pyramid import Pyramid
 from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, fit_schedule, scale_schedule, schedule_pixels
 from . import patching
-from .student import autocast_for
+from .student import autocast_for, require_family
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
 from .vae import memory_required as vae_memory_required
 
@@ -61,7 +61,10 @@ def _sampler_options(seed: int, cfg: float, tau: float, top_k: int, top_p: float
                                       next_scale=next_scale, seed=int(seed))  # validates the combo too
 
 
-def _check_vae(model: VARModel, vae: VARVAE) -> None:
+def _check_vae(model: VARModel, vae: VARVAE, node: str) -> None:
+    require_family(model, (var_core.Family.INFINITY,), node,
+                   "It samples with the Infinity transformer only (VAR Restore runs VARSR and RestoreVAR, "
+                   "VAR Class to Image the class-conditional VAR).")
     if vae.config.codebook_dim != model.config.codebook_dim:
         raise var_core.ParameterError(
             f"the VAE {vae.name} has {vae.config.codebook_dim}-bit tokens but the model {model.name} reads "
@@ -186,7 +189,7 @@ class VARIterativeRestore(io.ComfyNode):
         options = var_restore.RestoreOptions(scale=float(scale), tile=int(tile_size), overlap=int(tile_overlap),
                                              seed=int(seed), color_fix=color_fix)
         sampler_options = _sampler_options(seed, cfg, tau, top_k, top_p, next_scale)
-        _check_vae(model, vae)
+        _check_vae(model, vae, "VAR Iterative Restore")
         condition = _condition(model, text, "text")
         _warn_if_student(model, "VAR Iterative Restore")
         device = model.patcher.load_device
@@ -290,7 +293,7 @@ class VARTextToImage(io.ComfyNode):
             raise var_core.ParameterError(f"aspect_ratio {aspect_ratio!r} is not one of {', '.join(ASPECTS)}")
         schedule = scale_schedule(ASPECTS[aspect_ratio], pixel_budget)
         options = _sampler_options(seed, cfg, tau, top_k, top_p, next_scale)
-        _check_vae(model, vae)
+        _check_vae(model, vae, "VAR Text to Image")
         condition = _condition(model, text, "text")
         negative = _condition(model, negative_text, "negative text")
         _warn_if_student(model, "VAR Text to Image")

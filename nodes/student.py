@@ -15,9 +15,11 @@ from comfy_api.latest import io
 
 from .. import var_core
 from ..var_core import image as var_image
+from ..var_core import loading as var_loading
 from ..var_core import lora as var_lora
 from ..var_core import restore as var_restore
 from ..var_core.colorfix import MODES as COLOR_FIX_MODES
+from ..var_core.detect import DESCRIPTIONS
 from ..var_core.tiling import count_tiles
 from . import folders, patching
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
@@ -147,12 +149,37 @@ class VARLoadStudent(io.ComfyNode):
     @classmethod
     def execute(cls, model_name: str, merge_lora: bool = True, weight_dtype: str = "auto",
                 strip_lora: bool = False) -> io.NodeOutput:
-        load_device = mm.get_torch_device()
-        offload_device = mm.unet_offload_device()
-        dtype = resolve_student_dtype(weight_dtype, load_device)
-        path = folders.full_path(model_name)
-        loaded = var_core.load(path, expect=var_core.Family.INFINITY, operations=operations_for(dtype))
-        module = loaded.model
+        return io.NodeOutput(load_transformer(model_name, families=(var_core.Family.INFINITY,), merge_lora=merge_lora,
+                                              weight_dtype=weight_dtype, strip_lora=strip_lora))
+
+
+def resolve_model_dtype(choice: str, family: str, device: torch.device) -> torch.dtype:
+    """The weights' precision for a transformer of ``family``: Infinity as :func:`resolve_student_dtype`;
+    VAR, VARSR and RestoreVAR default to float32 (they are small, and their reference numerics are
+    float32; bf16 weights are offered and computed under bf16 autocast on CUDA)."""
+    if family == var_core.Family.INFINITY:
+        return resolve_student_dtype(choice, device)
+    _check_dtype_choice(choice, "fp16 can overflow in the transformer")
+    return DTYPES.get(choice, torch.float32)
+
+
+def load_transformer(model_name: str, *, families: tuple[str, ...], weight_dtype: str = "auto",
+                     merge_lora: bool = True, strip_lora: bool = False) -> VARModel:
+    """Load a transformer of one of ``families`` from ``models/var`` into a :class:`VARModel` (shared by
+    Load VARestorer Model and Load VAR Model). The family is detected from the keys; another family
+    fails with a message naming both. Infinity: LoRA stripped / merged as asked."""
+    _check_dtype_choice(weight_dtype, "fp16 can overflow in the transformer")
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    path = folders.full_path(model_name)
+    family, sd = var_core.inspect(path)
+    var_loading.check_family(family, families, path)
+    dtype = resolve_model_dtype(weight_dtype, family, load_device)
+    loaded = var_core.load(sd, operations=operations_for(dtype))
+    del sd
+    module = loaded.model
+    lora_state = "none"
+    if family == var_core.Family.INFINITY:
         if strip_lora:
             if module.lora_state == "adapters":
                 logger.info("VAR model %s: LoRA adapters stripped, the Infinity base model (iterative teacher)",
@@ -165,14 +192,23 @@ class VARLoadStudent(io.ComfyNode):
                 "VAR model %s has no LoRA adapters: fine for a merged VARestorer export or for the iterative "
                 "nodes, but the Infinity base model (infinity_2b_reg.pth) does not restore in one step", model_name,
             )
-        module = module.to(device=offload_device, dtype=dtype).eval()
-        patcher = patching.make_patcher(module, load_device=load_device, offload_device=offload_device)
-        cfg = loaded.config
-        logger.info(
-            "VAR model %s: %s, depth %d, width %d, LoRA %s, load device %s, dtype %s", model_name,
-            loaded.description, cfg.depth, cfg.embed_dim, module.lora_state, load_device, dtype,
+        lora_state = module.lora_state
+    module = module.to(device=offload_device, dtype=dtype).eval()
+    patcher = patching.make_patcher(module, load_device=load_device, offload_device=offload_device)
+    cfg = loaded.config
+    logger.info(
+        "VAR model %s: %s, depth %d, width %d, LoRA %s, load device %s, dtype %s", model_name,
+        loaded.description, cfg.depth, cfg.embed_dim, lora_state, load_device, dtype,
+    )
+    return VARModel(patcher=patcher, name=model_name, dtype=dtype, lora=lora_state, family=family)
+
+
+def require_family(model: VARModel, families: tuple[str, ...], node: str, hint: str) -> None:
+    """Refuse a ``VAR_MODEL`` of a family ``node`` cannot run, saying what it is and what to use."""
+    if model.family not in families:
+        raise var_core.ParameterError(
+            f"{node} cannot run {model.name}: it is the {DESCRIPTIONS[model.family]}. {hint}"
         )
-        return io.NodeOutput(VARModel(patcher=patcher, name=model_name, dtype=dtype, lora=module.lora_state))
 
 
 class VARLoadSwinIR(io.ComfyNode):
@@ -292,6 +328,8 @@ class VAROneStepRestore(io.ComfyNode):
     def execute(cls, model: VARModel, vae: VARVAE, seed: int = 0, sampling: str = "gumbel", scale: float = 4.0,
                 tile_size: int = 512, tile_overlap: int = 64, color_fix: str = "none", image=None,
                 text: VARText | None = None, swinir: VARSwinIR | None = None, pyramid=None) -> io.NodeOutput:
+        require_family(model, (var_core.Family.INFINITY,), "VAR One-Step Restore",
+                       "It restores with VARestorer only; use VAR Restore, which runs every restoration family.")
         options = var_restore.RestoreOptions(scale=float(scale), tile=int(tile_size), overlap=int(tile_overlap),
                                              sampling=sampling, seed=int(seed), color_fix=color_fix)
         if image is None and pyramid is None:

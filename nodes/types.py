@@ -3,7 +3,10 @@
 * ``VAR_VAE``: a :class:`VARVAE` (the BSQ VAE ``nn.Module`` wrapped in a ComfyUI ``ModelPatcher``).
 * ``VAR_PYRAMID``: a ``var_core.pyramid.Pyramid`` (per-scale bits, scale schedule, original size,
   optional alpha), kept on ComfyUI's intermediate device (the CPU unless ``--gpu-only``).
-* ``VAR_MODEL``: a :class:`VARModel` (the Infinity / VARestorer transformer in a ``ModelPatcher``).
+* ``VAR_MODEL``: a :class:`VARModel` (a transformer in a ``ModelPatcher``: Infinity / VARestorer from
+  ``VARLoadStudent``, or any family, VARSR, RestoreVAR and class-conditional VAR included, from
+  ``VARLoadModel``); ``family`` says which, and nodes refuse the families they cannot run.
+* ``VAR_VQVAE``: a :class:`VARVQVAE` (the multi-scale VQVAE of VAR, VARSR and RestoreVAR in a ``ModelPatcher``).
 * ``VAR_SWINIR``: a :class:`VARSwinIR` (the SwinIR pre-cleaner in a ``ModelPatcher``).
 * ``VAR_T5``: a :class:`VART5` (a ``var_core.text.T5TextEncoder``, kept on the text encoder's offload device).
 * ``VAR_TEXT``: a :class:`VARText` (the packed T5 features of one prompt, or "unconditional").
@@ -19,6 +22,7 @@ from comfy_api.latest import io
 VarVAE = io.Custom("VAR_VAE")
 VarPyramid = io.Custom("VAR_PYRAMID")
 VarModel = io.Custom("VAR_MODEL")
+VarVQVAE = io.Custom("VAR_VQVAE")
 VarSwinIR = io.Custom("VAR_SWINIR")
 VarT5 = io.Custom("VAR_T5")
 VarText = io.Custom("VAR_TEXT")
@@ -46,15 +50,17 @@ class VARVAE:
 
 @dataclass(frozen=True, eq=False)
 class VARModel:
-    """A loaded Infinity / VARestorer transformer: ``patcher.model`` is the ``var_core`` ``Infinity`` module.
+    """A loaded transformer: ``patcher.model`` is the ``var_core`` module of ``family`` (a
+    ``var_core.Family`` value: ``infinity`` for Infinity / VARestorer, ``varsr``, ``restorevar``, ``var``).
 
     ``lora`` is ``"merged"`` (adapters folded into the weights), ``"adapters"`` (peft layers) or
-    ``"none"`` (a checkpoint without LoRA)."""
+    ``"none"`` (a checkpoint without LoRA, and every family but Infinity)."""
 
     patcher: object  # comfy.model_patcher.ModelPatcher
     name: str
     dtype: torch.dtype
     lora: str
+    family: str = "infinity"
 
     @property
     def module(self) -> torch.nn.Module:
@@ -65,7 +71,29 @@ class VARModel:
         return self.patcher.model.config
 
     def __repr__(self) -> str:
+        if self.family != "infinity":
+            return f"VAR_MODEL({self.name}, {self.family}, {str(self.dtype).removeprefix('torch.')})"
         return f"VAR_MODEL({self.name}, {str(self.dtype).removeprefix('torch.')}, LoRA {self.lora})"
+
+
+@dataclass(frozen=True, eq=False)
+class VARVQVAE:
+    """A loaded VAR multi-scale VQVAE (VAR, VARSR, RestoreVAR): ``patcher.model`` is the ``var_core`` ``VQVAE``."""
+
+    patcher: object  # comfy.model_patcher.ModelPatcher
+    name: str
+    dtype: torch.dtype
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.patcher.model
+
+    @property
+    def config(self):
+        return self.patcher.model.config
+
+    def __repr__(self) -> str:
+        return f"VAR_VQVAE({self.name}, {str(self.dtype).removeprefix('torch.')})"
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 COMFYUI_DIR = REPO / ".comfyui" / "ComfyUI"
 PACK_NAME = "comfyui-var-restore"
 PACK_NODES = ("VARLoadVAE", "VAREncodePyramid", "VARDecodePyramid", "VARLoadStudent", "VARLoadSwinIR",
-              "VAROneStepRestore", "VARLoadT5", "VARTextEncode", "VARIterativeRestore", "VARTextToImage")
+              "VAROneStepRestore", "VARLoadT5", "VARTextEncode", "VARIterativeRestore", "VARTextToImage",
+              "VARLoadVQVAE", "VARLoadModel", "VARRestore", "VARClassToImage")
 
 
 class ComfyError(RuntimeError):

@@ -2,7 +2,8 @@
 
 The ``comfy_server`` fixture starts one real ComfyUI (``tests/comfy_harness.py``) per test
 session with this pack installed and the fixture models in ``models/var/`` (BSQ VAE, VARestorer
-student with LoRA, SwinIR), latent previews on. Tests that use it are
+student with LoRA, SwinIR, and the VAR / VARSR / RestoreVAR transformers with their VQVAEs, which
+all are ``vqvae_tiny.safetensors`` upstream and so get distinct names), latent previews on. Tests that use it are
 marked ``comfyui`` and are skipped, with the reason, when ComfyUI is not installed
 (``.venv/bin/python tests/install_comfyui.py`` installs it).
 """
@@ -22,7 +23,21 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 FIXTURE_VAE = FIXTURES / "A_bsq_vae" / "vae_tiny.safetensors"
 FIXTURE_STUDENT = FIXTURES / "B_varestorer_student" / "varestorer_tiny_lora.safetensors"
 FIXTURE_SWINIR = FIXTURES / "G_swinir" / "swinir_tiny.safetensors"
-SERVER_MODELS = (FIXTURE_VAE, FIXTURE_STUDENT, FIXTURE_SWINIR)  # copied to models/var/ of the test server
+FIXTURE_VAR = FIXTURES / "D_var" / "var_tiny.safetensors"
+FIXTURE_VARSR = FIXTURES / "E_varsr" / "varsr_tiny.safetensors"
+FIXTURE_RESTOREVAR = FIXTURES / "F_restorevar" / "restorevar_tiny.safetensors"
+# Name in models/var/ of the test server -> fixture file copied there.
+SERVER_MODELS = {
+    FIXTURE_VAE.name: FIXTURE_VAE,
+    FIXTURE_STUDENT.name: FIXTURE_STUDENT,
+    FIXTURE_SWINIR.name: FIXTURE_SWINIR,
+    FIXTURE_VAR.name: FIXTURE_VAR,
+    "var_vqvae_tiny.safetensors": FIXTURES / "D_var" / "vqvae_tiny.safetensors",
+    FIXTURE_VARSR.name: FIXTURE_VARSR,
+    "varsr_vqvae_tiny.safetensors": FIXTURES / "E_varsr" / "vqvae_tiny.safetensors",
+    FIXTURE_RESTOREVAR.name: FIXTURE_RESTOREVAR,
+    "restorevar_vqvae_tiny.safetensors": FIXTURES / "F_restorevar" / "vqvae_tiny.safetensors",
+}
 
 
 @pytest.fixture(scope="session")
@@ -32,14 +47,14 @@ def comfy_server(tmp_path_factory):
 
     if not comfyui_installed():
         pytest.skip(f"ComfyUI is not installed at {COMFYUI_DIR}: run `.venv/bin/python tests/install_comfyui.py`")
-    missing = [str(p) for p in SERVER_MODELS if not p.is_file()]
+    missing = [str(p) for p in SERVER_MODELS.values() if not p.is_file()]
     if missing:
         pytest.skip(f"fixture models not present (../shared/fixtures): {missing}")
     # Previews on (ComfyUI's default is none): VARTextToImage then sends one per scale.
     server = ComfyServer(tmp_path_factory.mktemp("comfyui"), extra_args=["--preview-method", "auto"])
     server.prepare()
-    for model in SERVER_MODELS:
-        server.add_model(model)
+    for name, model in SERVER_MODELS.items():
+        server.add_model(model, name=name)
     server.start()
     yield server
     server.stop()

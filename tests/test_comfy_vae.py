@@ -62,8 +62,8 @@ def test_pack_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     assert info["VARLoadVAE"]["output"] == ["VAR_VAE"]
     assert info["VAREncodePyramid"]["output"] == ["VAR_PYRAMID"]
     assert info["VARDecodePyramid"]["output"] == ["IMAGE"]
-    # The combo lists every file in models/var/ (the session server holds the VAE, student and SwinIR).
-    assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == sorted(p.name for p in SERVER_MODELS)
+    # The combo lists every file in models/var/ (the session server holds every fixture model).
+    assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == sorted(SERVER_MODELS)
 
 
 @pytest.mark.parametrize("case", ["sq64", "rect96x144"])

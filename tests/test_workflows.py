@@ -19,6 +19,10 @@ FIXTURE_FOR = {
     "infinity_vae_d32reg.pth": "vae_tiny.safetensors",
     "varestorer.pth": "varestorer_tiny_lora.safetensors",
     "general_swinir_v1.ckpt": "swinir_tiny.safetensors",
+    "VARSR.pth": "varsr_tiny.safetensors",
+    "VQVAE.pth": "varsr_vqvae_tiny.safetensors",
+    "restorevar.pth": "restorevar_tiny.safetensors",
+    "vae_restorevar.ckpt": "restorevar_vqvae_tiny.safetensors",
 }
 
 pytestmark = pytest.mark.comfyui
@@ -70,7 +74,7 @@ def test_workflow_matches_nodes_and_runs(comfy_server, path):
         if node["class_type"] == "LoadImage":
             name = node["inputs"]["image"]
             comfy_server.add_input(SHARED / "images" / "real_lq" / name)
-        if node["class_type"] == "VAROneStepRestore":
+        if node["class_type"] in ("VAROneStepRestore", "VARRestore"):
             node["inputs"]["scale"] = 1.0  # keep the CPU run short; the widgets are checked above
     entry = comfy_server.run(prompt)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]

@@ -2,7 +2,10 @@
 
 * ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default);
   ``--iterative`` restores with the iterative Infinity teacher instead (next-scale sampling).
-* ``sample --prompt TEXT -o DIR --weights DIR``: Infinity text to image (next-scale sampling).
+  ``--model`` may also be a VARSR or RestoreVAR file (detected from its keys), restored through
+  the same tiles with its VQVAE (``--vae``).
+* ``sample --prompt TEXT -o DIR --weights DIR``: Infinity text to image (next-scale sampling);
+  ``sample --model var_d16.pth --vae vae_ch160v4096z32.pth --class N``: class-conditional VAR.
 * ``info FILE...``: detect each checkpoint's family and print the architecture read from it.
 * ``roundtrip IMAGE... --vae FILE -o DIR``: encode images into pyramid tokens with an Infinity BSQ
   VAE and decode them again (shows what the token pyramid preserves).
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from . import image as image_io
-from . import pyramid, restore, sampler
+from . import family_restore, pyramid, restore, sampler
 from .detect import DESCRIPTIONS, Family
 from .errors import VARError
 from .loading import inspect, load
@@ -93,7 +96,13 @@ def cmd_roundtrip(args) -> int:
 
 # Official file names looked up in --weights DIR (a .safetensors copy with the same stem works too).
 OFFICIAL = {"model": "varestorer", "teacher": "infinity_2b_reg", "vae": "infinity_vae_d32reg",
-            "swinir": "general_swinir_v1", "t5": "flan-t5-xl"}
+            "swinir": "general_swinir_v1", "t5": "flan-t5-xl", "var": "var_d16"}
+# The VQVAE each VAR-family transformer decodes with (its official file stem, looked up in --weights).
+OFFICIAL_VQVAE = {Family.VARSR: "VQVAE", Family.RESTOREVAR: "vae_restorevar", Family.VAR: "vae_ch160v4096z32"}
+# Defaults that depend on the model family (argparse default None = "the family's").
+FAMILY_SCALE = {Family.INFINITY: 4.0, Family.VARSR: 4.0, Family.RESTOREVAR: 1.0}
+VARSR_DEFAULTS = family_restore.VARSROptions()
+VAR_DEFAULTS = {"cfg": 4.0, "top_k": 900, "top_p": 0.95}  # the official VAR demo
 
 
 def _find(folder: Path | None, stem: str, explicit: str | None, *, required: bool, what: str) -> Path | None:
@@ -114,8 +123,11 @@ def _find(folder: Path | None, stem: str, explicit: str | None, *, required: boo
     return None
 
 
-def _autocast(device: torch.device, dtype: str):
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+def _autocast(device: torch.device, dtype: str, *, auto_bf16: bool = True):
+    """bf16 autocast for ``--dtype bf16``, and for ``auto`` on CUDA GPUs that support it when
+    ``auto_bf16`` (the Infinity models; VAR, VARSR and RestoreVAR run in fp32 unless asked)."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and auto_bf16 and device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported())
     if use_bf16 and device.type == "cpu" and dtype == "auto":
         use_bf16 = False
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -138,11 +150,12 @@ def _teacher_path(folder: Path | None, explicit: str | None) -> Path:
     return path
 
 
-def _load_teacher(path: Path, device: torch.device):
-    """Load the teacher; a VARestorer file works too: its LoRA adapters are stripped (its base is Infinity-2B)."""
+def _load_teacher(path: Path, device: torch.device, sd=None):
+    """Load the teacher (from ``sd`` when the file was read already); a VARestorer file works too:
+    its LoRA adapters are stripped (its base is Infinity-2B)."""
     from .lora import strip_lora
 
-    model = load(path, expect=Family.INFINITY).model
+    model = load(path if sd is None else sd, expect=Family.INFINITY).model
     if model.lora_state == "adapters":
         log.info("%s has LoRA adapters (the VARestorer student): stripped, sampling with the Infinity base", path)
         strip_lora(model)
@@ -171,9 +184,61 @@ def _encode_prompts(t5_path: Path | None, prompts: list[str], device: torch.devi
     return out
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _sampler_options(args) -> sampler.SamplerOptions:
-    return sampler.SamplerOptions(cfg=args.cfg, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
-                                  next_scale=args.next_scale, seed=args.seed)
+    d = sampler.SamplerOptions()
+    return sampler.SamplerOptions(cfg=_or(args.cfg, d.cfg), tau=args.tau, top_k=_or(args.top_k, d.top_k),
+                                  top_p=_or(args.top_p, d.top_p), next_scale=args.next_scale, seed=args.seed)
+
+
+def _model_family(path: Path):
+    """``(family, state dict)`` of a transformer file (read once, then built from the state dict)."""
+    family, sd = inspect(path)
+    if family == Family.VAR:
+        raise VARError(
+            f"{path.name} is the {DESCRIPTIONS[family]}: it generates images of a class and does not restore. "
+            "`restore` takes VARestorer, VARSR or RestoreVAR; generate with "
+            "`sample --model FILE --vae VQVAE_FILE --class N`"
+        )
+    if family not in family_restore.RESTORE_FAMILIES:
+        raise VARError(f"{path.name} is the {DESCRIPTIONS[family]}, not a restoration transformer; pass the "
+                       "VARestorer, VARSR or RestoreVAR weights as --model")
+    return family, sd
+
+
+def _family_restorer(args, family: str, sd, model_path: Path, folder: Path | None, device: torch.device):
+    """A ``restore(x, progress)`` for VARSR / RestoreVAR with its VQVAE (``--vae`` or the official
+    file in ``--weights``), and the restore options."""
+    name = "VARSR" if family == Family.VARSR else "RestoreVAR"
+    vae_path = _find(folder, OFFICIAL_VQVAE[family], args.vae, required=True, what=f"{name} VQVAE")
+    for flag, used in (("--prompt", bool(args.prompt.strip())), ("--swinir", bool(args.swinir))):
+        if used:
+            raise VARError(f"{flag} is for VARestorer / Infinity; {model_path.name} is {name}")
+    whole_fix, tile_adain = family_restore.resolve_color_fix(family, args.color_fix)
+    options = restore.RestoreOptions(scale=_or(args.scale, FAMILY_SCALE[family]), tile=args.tile, overlap=args.overlap,
+                                     seed=args.seed, color_fix=whole_fix)
+    model = load(sd).model.to(device)
+    vqvae = load(vae_path, expect=Family.VAR_VQVAE).model.to(device)
+    family_restore.check_restorer(family, vqvae)
+    if family == Family.VARSR:
+        varsr = family_restore.VARSROptions(cfg=_or(args.cfg, VARSR_DEFAULTS.cfg), steps=args.refiner_steps,
+                                            top_k=_or(args.top_k, VARSR_DEFAULTS.top_k),
+                                            top_p=_or(args.top_p, VARSR_DEFAULTS.top_p), tile_adain=tile_adain)
+
+        def run(x, progress):
+            return family_restore.varsr_restore_image(model, vqvae, x, options=options, varsr=varsr,
+                                                      progress=progress, device=device)
+    else:
+        def run(x, progress):
+            return family_restore.restorevar_restore_image(model, vqvae, x, options=options,
+                                                           refine=False if args.no_refine else None,
+                                                           progress=progress, device=device)
+    log.info("%s: %s with %s, scale %g, %d px tiles", model_path.name, DESCRIPTIONS[family], vae_path.name,
+             options.scale, options.tile)
+    return run, options
 
 
 def cmd_restore(args) -> int:
@@ -182,20 +247,48 @@ def cmd_restore(args) -> int:
     folder = _weights_folder(args)
     paths = _images(args.inputs)
     device = torch.device(args.device)
-    options = restore.RestoreOptions(scale=args.scale, tile=args.tile, overlap=args.overlap, sampling=args.sampling,
-                                     seed=args.seed, color_fix=args.color_fix)
-    sampler_options = _sampler_options(args) if args.iterative else None
     if args.iterative:
         model_path = _teacher_path(folder, args.model)
+        family, sd = Family.INFINITY, None
     else:
         model_path = _find(folder, OFFICIAL["model"], args.model, required=True, what="VARestorer model")
+        family, sd = _model_family(model_path)
+    if family == Family.INFINITY:
+        run, options = _infinity_restorer(args, sd, model_path, folder, device)
+    else:
+        run, options = _family_restorer(args, family, sd, model_path, folder, device)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    iterative = family == Family.INFINITY and args.iterative
+    for path in paths:
+        rgb, alpha = image_io.split_alpha(image_io.load_image_file(path))
+        h, w = rgb.shape[1:3]
+        H, W = restore.output_size(h, w, options.scale)
+        steps = restore.count_steps(h, w, options, iterative=iterative)
+        with tqdm(total=steps, desc=path.name, unit="scale" if iterative else "tile",
+                  disable=args.quiet) as bar, torch.inference_mode(), \
+                _autocast(device, args.dtype, auto_bf16=family == Family.INFINITY):
+            y = run(image_io.to_model(rgb), lambda done, total: bar.update(done - bar.n))
+        result = image_io.merge_alpha(image_io.from_model(y.float().cpu()), alpha)
+        target = out / (path.stem + ".png")
+        save_image(result, target)
+        log.info("%s (%dx%d) -> %s (%dx%d)", path, w, h, target, W, H)
+    return 0
+
+
+def _infinity_restorer(args, sd, model_path: Path, folder: Path | None, device: torch.device):
+    """A ``restore(x, progress)`` for the VARestorer student (or the iterative teacher), and its options."""
+    whole_fix, _ = family_restore.resolve_color_fix(Family.INFINITY, args.color_fix)
+    options = restore.RestoreOptions(scale=_or(args.scale, FAMILY_SCALE[Family.INFINITY]), tile=args.tile,
+                                     overlap=args.overlap, sampling=args.sampling, seed=args.seed, color_fix=whole_fix)
+    sampler_options = _sampler_options(args) if args.iterative else None
     vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
     swinir_path = None if args.no_swinir else _find(folder, OFFICIAL["swinir"], args.swinir, required=False, what="SwinIR")
     t5_path = _t5_path(folder, args, args.prompt)
     if args.iterative:
         model = _load_teacher(model_path, device)
     else:
-        model = load(model_path, expect=Family.INFINITY).model
+        model = load(sd).model
         if args.merge_lora:
             from .lora import merge_lora
 
@@ -206,26 +299,14 @@ def cmd_restore(args) -> int:
     if swinir_path is None:
         log.info("no SwinIR pre-cleaner (%s not found); restoring without it", OFFICIAL["swinir"])
     (text,) = _encode_prompts(t5_path, [args.prompt], device)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in paths:
-        rgb, alpha = image_io.split_alpha(image_io.load_image_file(path))
-        h, w = rgb.shape[1:3]
-        H, W = restore.output_size(h, w, options.scale)
-        steps = restore.count_steps(h, w, options, iterative=args.iterative)
-        with tqdm(total=steps, desc=path.name, unit="scale" if args.iterative else "tile",
-                  disable=args.quiet) as bar, torch.inference_mode(), _autocast(device, args.dtype):
-            x = image_io.to_model(rgb)
-            kwargs = dict(text=text, swinir=swinir, options=options, progress=lambda done, total: bar.update(done - bar.n))
-            if args.iterative:
-                y = restore.iterative_restore_image(model, vae, x, sampler_options=sampler_options, **kwargs)
-            else:
-                y = restore.restore_image(model, vae, x, **kwargs)
-        result = image_io.merge_alpha(image_io.from_model(y.float().cpu()), alpha)
-        target = out / (path.stem + ".png")
-        save_image(result, target)
-        log.info("%s (%dx%d) -> %s (%dx%d)", path, w, h, target, W, H)
-    return 0
+
+    def run(x, progress):
+        kwargs = dict(text=text, swinir=swinir, options=options, progress=progress)
+        if args.iterative:
+            return restore.iterative_restore_image(model, vae, x, sampler_options=sampler_options, **kwargs)
+        return restore.restore_image(model, vae, x, **kwargs)
+
+    return run, options
 
 
 def cmd_sample(args) -> int:
@@ -236,13 +317,27 @@ def cmd_sample(args) -> int:
     folder = _weights_folder(args)
     if args.batch < 1:
         raise VARError(f"--batch must be at least 1, got {args.batch}")
+    sd = None
+    if args.model or args.class_index is not None:
+        model_path = _find(folder, OFFICIAL["var"], args.model, required=True,
+                           what="VAR model" if args.model is None else "model")
+        family, sd = inspect(model_path)
+        if family == Family.VAR:
+            return _sample_class(args, folder, model_path, sd)
+        if args.class_index is not None:
+            raise VARError(f"--class is for the class-conditional VAR (var_d16.pth ...); {model_path.name} is the "
+                           f"{DESCRIPTIONS[family]}")
+        if family != Family.INFINITY:
+            raise VARError(f"{model_path.name} is the {DESCRIPTIONS[family]}; `sample` generates with the Infinity "
+                           "transformer (text to image) or the class-conditional VAR (--class N)")
+    else:
+        model_path = _teacher_path(folder, args.model)
     options = _sampler_options(args)
     schedule = scale_schedule(args.aspect, args.pn)
     device = torch.device(args.device)
-    model_path = _teacher_path(folder, args.model)
     vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
     t5_path = _t5_path(folder, args, args.prompt, args.negative_prompt)
-    model = _load_teacher(model_path, device)
+    model = _load_teacher(model_path, device, sd)
     vae = load(vae_path, expect=Family.INFINITY_BSQ_VAE).model.to(device)
     text, negative = _encode_prompts(t5_path, [args.prompt, args.negative_prompt], device)
     out = Path(args.output)
@@ -261,13 +356,48 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _add_sampler_args(p, *, what: str) -> None:
+def _sample_class(args, folder: Path | None, model_path: Path, sd) -> int:
+    """``sample`` with the class-conditional VAR: ``--class N`` (negative: unconditional), its VQVAE."""
+    from tqdm import tqdm
+
+    if args.class_index is None:
+        raise VARError(f"{model_path.name} is the class-conditional VAR: give the class to draw with --class N "
+                       "(an ImageNet index 0..999 for the released models; -1 = unconditional)")
+    if args.prompt.strip() or args.negative_prompt.strip():
+        raise VARError(f"{model_path.name} is the class-conditional VAR: it takes --class, not a prompt")
+    vae_path = _find(folder, OFFICIAL_VQVAE[Family.VAR], args.vae, required=True, what="VAR VQVAE")
+    device = torch.device(args.device)
+    model = load(sd).model.to(device)
+    vqvae = load(vae_path, expect=Family.VAR_VQVAE).model.to(device)
+    cfg, top_k, top_p = (_or(args.cfg, VAR_DEFAULTS["cfg"]), _or(args.top_k, VAR_DEFAULTS["top_k"]),
+                         _or(args.top_p, VAR_DEFAULTS["top_p"]))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=args.batch, desc="sample", unit="image", disable=args.quiet) as bar, torch.inference_mode(), \
+            _autocast(device, args.dtype, auto_bf16=False):
+        images = family_restore.generate_class_images(
+            model, vqvae, args.class_index, batch=args.batch, seed=args.seed, cfg=cfg, top_k=top_k, top_p=top_p,
+            more_smooth=args.more_smooth, progress=lambda done, total: bar.update(done - bar.n))
+    images = image_io.from_model(images.float().cpu())
+    H, W = images.shape[1:3]
+    for i in range(args.batch):
+        target = out / f"sample_{args.seed + i}.png"
+        save_image(images[i : i + 1], target)
+        log.info("%s (%dx%d, class %d, cfg %g, seed %d)", target, W, H, args.class_index, cfg, args.seed + i)
+    return 0
+
+
+def _add_sampler_args(p, *, what: str, family_defaults: str = "") -> None:
+    """--cfg, --tau, --top-k, --top-p, --next-scale. --cfg/--top-k/--top-p default to None: the
+    model family's own defaults (Infinity's below; ``family_defaults`` names the others')."""
     defaults = sampler.SamplerOptions()
-    p.add_argument("--cfg", type=float, default=defaults.cfg, help=f"{what}classifier-free guidance (1 = off; default 3)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"{what}classifier-free guidance (1 = off; default {defaults.cfg:g}{family_defaults and '; '}"
+                        f"{family_defaults})")
     p.add_argument("--tau", type=float, default=defaults.tau, help=f"{what}sampling temperature (default 1)")
-    p.add_argument("--top-k", type=int, default=defaults.top_k,
-                   help=f"{what}top-k of each bit's two outcomes (1 = greedy; default 900 = off)")
-    p.add_argument("--top-p", type=float, default=defaults.top_p, help=f"{what}top-p (0 = off; default 0.97)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"{what}top-k (1 = greedy; Infinity: of each bit's two outcomes, default {defaults.top_k} = off)")
+    p.add_argument("--top-p", type=float, default=None, help=f"{what}top-p (0 = off; Infinity default {defaults.top_p})")
     p.add_argument("--next-scale", choices=("area", "trilinear"), default=defaults.next_scale,
                    help=f"{what}how the summed codes are resized into the next scale's input (default area)")
 
@@ -276,21 +406,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m var_core", description="VAR image restoration models")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("restore", help="one-step VARestorer super-resolution of images")
+    p = sub.add_parser("restore", help="restore images: VARestorer one-step (default), VARSR or RestoreVAR (--model)")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder (PNG files named after the inputs)")
     p.add_argument("--weights", help="folder with varestorer.pth, infinity_vae_d32reg.pth, "
                                      "general_swinir_v1.ckpt and flan-t5-xl/")
-    p.add_argument("--scale", type=float, default=4.0, help="upscale factor, 0 < s <= 8 (default 4)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="upscale factor, 0 < s <= 8 (default 4; RestoreVAR: 1, it restores at the input size)")
     p.add_argument("--prompt", default="", help="text prompt (needs flan-t5-xl); empty = unconditional")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (image i of a folder uses the same seed)")
     p.add_argument("--sampling", choices=restore.SAMPLING_MODES, default="gumbel",
                    help="gumbel: the official sampling; argmax: deterministic")
     p.add_argument("--tile", type=int, default=512, help="tile size in output pixels (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in output pixels (default 64)")
-    p.add_argument("--color-fix", choices=("none", "wavelet", "adain"), default="none", help="colour correction")
-    p.add_argument("--model", help="VARestorer weights file (overrides --weights)")
-    p.add_argument("--vae", help="Infinity VAE weights file (overrides --weights)")
+    p.add_argument("--color-fix", choices=family_restore.COLOR_FIX_CHOICES, default="auto",
+                   help="colour correction of the whole image; auto = the model's official one (VARSR: AdaIN per "
+                        "tile; VARestorer, RestoreVAR: none)")
+    p.add_argument("--model", help="restoration transformer file (overrides --weights): VARestorer (varestorer.pth), "
+                                   "VARSR (VARSR.pth) or RestoreVAR (restorevar.pth), detected from its keys")
+    p.add_argument("--vae", help="the model's VAE (overrides --weights): the Infinity VAE for VARestorer, the VQVAE "
+                                 "for VARSR (VQVAE.pth) or RestoreVAR (vae_restorevar.ckpt)")
     p.add_argument("--swinir", help="SwinIR weights file (overrides --weights)")
     p.add_argument("--no-swinir", action="store_true", help="skip the SwinIR pre-cleaner")
     p.add_argument("--t5", help="flan-t5-xl folder (overrides --weights)")
@@ -298,32 +433,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the LoRA adapters separate (slower; merged by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="compute precision (auto: bf16 on CUDA GPUs that support it, else fp32)")
+                   help="compute precision (auto: bf16 on CUDA GPUs that support it for VARestorer/Infinity, "
+                        "fp32 for VARSR and RestoreVAR and on the CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--refiner-steps", type=int, default=VARSR_DEFAULTS.steps,
+                   help=f"VARSR: diffusion refiner steps (default {VARSR_DEFAULTS.steps})")
+    p.add_argument("--no-refine", action="store_true", help="RestoreVAR: skip the latent refiner")
     p.add_argument("--iterative", action="store_true",
                    help="restore with the iterative Infinity teacher (infinity_2b_reg.pth in --weights, or --model; "
                         "a varestorer file has its LoRA stripped) instead of the one-step student; --sampling and "
                         "--no-merge-lora do not apply")
-    _add_sampler_args(p, what="--iterative: ")
+    _add_sampler_args(p, what="--iterative and VARSR: ",
+                      family_defaults=f"VARSR: cfg {VARSR_DEFAULTS.cfg:g}, top-k {VARSR_DEFAULTS.top_k}, "
+                                      f"top-p {VARSR_DEFAULTS.top_p}")
     p.set_defaults(func=cmd_restore)
-    p = sub.add_parser("sample", help="Infinity text to image (iterative next-scale sampling)")
+    p = sub.add_parser("sample", help="Infinity text to image, or class-conditional VAR (--class N)")
     p.add_argument("--prompt", default="", help="text prompt (needs flan-t5-xl); empty = unconditional")
     p.add_argument("--negative-prompt", default="", help="negative prompt (needs flan-t5-xl); empty = the model's own")
     p.add_argument("-o", "--output", required=True, help="output folder (PNG files sample_SEED.png)")
     p.add_argument("--weights", help="folder with infinity_2b_reg.pth, infinity_vae_d32reg.pth and flan-t5-xl/")
     p.add_argument("--seed", type=int, default=0, help="seed; image i of the batch uses seed + i")
-    _add_sampler_args(p, what="")
+    _add_sampler_args(p, what="", family_defaults="VAR: cfg {cfg:g}, top-k {top_k}, top-p {top_p}".format(**VAR_DEFAULTS))
+    p.add_argument("--class", dest="class_index", type=int, default=None,
+                   help="class index for the class-conditional VAR (--model var_d16.pth; -1 = unconditional); "
+                        "with it --model defaults to var_d16 in --weights and --vae to vae_ch160v4096z32")
+    p.add_argument("--more-smooth", action="store_true", help="VAR: the official Gumbel-softmax smoothing option")
     p.add_argument("--aspect", type=float, default=1.0,
                    help="height / width; the nearest Infinity template is used (default 1.0)")
     p.add_argument("--pn", choices=tuple(PIXEL_BUDGETS), default="1M",
                    help="pixel budget (1M: about 1024x1024; default 1M)")
     p.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
-    p.add_argument("--model", help="Infinity weights file (overrides --weights)")
-    p.add_argument("--vae", help="Infinity VAE weights file (overrides --weights)")
+    p.add_argument("--model", help="Infinity weights file, or a class-conditional VAR (var_d16.pth; detected from "
+                                   "its keys) (overrides --weights)")
+    p.add_argument("--vae", help="Infinity VAE weights file, or the VAR VQVAE (vae_ch160v4096z32.pth) "
+                                 "(overrides --weights)")
     p.add_argument("--t5", help="flan-t5-xl folder (overrides --weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="compute precision (auto: bf16 on CUDA GPUs that support it, else fp32)")
+                   help="compute precision (auto: bf16 on CUDA GPUs that support it for Infinity, fp32 for VAR "
+                        "and on the CPU)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
     p = sub.add_parser("info", help="detect checkpoint families and print their architecture")

@@ -77,6 +77,17 @@ def inspect(path_or_sd: str | os.PathLike | Mapping, *, component: str | None = 
     return detect_family(sd, source=source), sd
 
 
+def check_family(family: str, expect: str | tuple[str, ...], source: str | os.PathLike) -> None:
+    """Raise a :class:`CheckpointError` naming the file and what it is when ``family`` is not ``expect``
+    (a family or families)."""
+    wanted = (expect,) if isinstance(expect, str) else tuple(expect)
+    if family not in wanted:
+        raise CheckpointError(
+            f"{os.path.basename(os.fspath(source))} is the wrong model here: it is the {DESCRIPTIONS[family]}, but "
+            "this needs the " + " or the ".join(DESCRIPTIONS[w] for w in wanted) + ". Pick the right file."
+        )
+
+
 def load(
     path_or_sd: str | os.PathLike | Mapping,
     *,
@@ -93,12 +104,7 @@ def load(
     source = os.fspath(path_or_sd) if isinstance(path_or_sd, (str, os.PathLike)) else "state dict"
     family, sd = inspect(path_or_sd, component=component)
     if expect is not None:
-        wanted = (expect,) if isinstance(expect, str) else tuple(expect)
-        if family not in wanted:
-            raise CheckpointError(
-                f"{os.path.basename(source)} is the wrong model here: it is the {DESCRIPTIONS[family]}, but this "
-                "needs the " + " or the ".join(DESCRIPTIONS[w] for w in wanted) + ". Pick the right file."
-            )
+        check_family(family, expect, source)
     build = _builder(family)
     if build is None:
         sizes = ", ".join(f"{k} {v}" for k, v in summarize(family, sd).items())

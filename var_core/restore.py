@@ -12,6 +12,9 @@ optionally pre-cleaned by SwinIR, encoded into its token pyramid, restored in on
 the iterative Infinity teacher in place of the student: each tile is restored by next-scale
 sampling conditioned on its LQ pyramid (:func:`.sampler.iterative_restore`), the baseline that
 VARestorer distils into one step.
+
+:func:`restore_tiled` is the family-independent part (scale, tiles, seeds, blending, colour fix)
+with a pluggable per-tile restorer; :mod:`.family_restore` runs VARSR and RestoreVAR through it.
 """
 
 from __future__ import annotations
@@ -131,6 +134,68 @@ def count_steps(h: int, w: int, options: RestoreOptions, *, batch: int = 1, iter
         min(options.tile, H), min(options.tile, W), batch, iterative=iterative)
 
 
+SeededTile = Callable[[torch.Tensor, list[int], Callable[[], None]], torch.Tensor]
+
+
+def _check_batch(lq_B3HW: torch.Tensor) -> None:
+    if not isinstance(lq_B3HW, torch.Tensor) or lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
+        shape = tuple(lq_B3HW.shape) if isinstance(lq_B3HW, torch.Tensor) else type(lq_B3HW).__name__
+        raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {shape}")
+
+
+def tile_seeds(seed: int, batch: int, tile_index: int) -> list[int]:
+    """Seed of image ``i`` of a batch in tile ``tile_index`` (image ``i`` follows ``seed + i``)."""
+    return [((seed + i) * 1_000_003 + tile_index) % 2**63 for i in range(batch)]
+
+
+def restore_tiled(
+    lq_B3HW: torch.Tensor,
+    restore_tile: SeededTile,
+    *,
+    options: RestoreOptions,
+    steps_per_tile: Callable[[int, int], int],
+    progress: Callable[[int, int], None] | None,
+    check_interrupt: Callable[[], object] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """The any-size path every restorer shares: resize ``lq`` by ``options.scale`` (bicubic,
+    aspect kept), cut it into overlapping tiles of ``options.tile`` output pixels, restore each with
+    ``restore_tile(tile, seeds, step)`` (a ``(B, 3, th, tw)`` tile at output resolution, one seed per
+    image from :func:`tile_seeds`, ``step()`` after each progress step) which returns the restored
+    tile at the same size, blend (Gaussian weights; halving the tile after out-of-memory), colour fix.
+
+    ``steps_per_tile(th, tw)`` is the number of ``step()`` calls of one ``th x tw`` tile;
+    ``progress(done, total)`` counts them; ``check_interrupt()`` runs before each tile.
+    """
+    _check_batch(lq_B3HW)
+    b, _, h, w = lq_B3HW.shape
+    H, W = output_size(h, w, options.scale)
+    x_B3HW = _resize(lq_B3HW.to(device), (H, W))
+    check = _interrupt_check(check_interrupt)
+    state = {"tile": options.tile, "overlap": options.overlap, "done": 0, "index": 0}
+
+    def total() -> int:
+        t = state["tile"]
+        return count_tiles(H, W, t, state["overlap"]) * steps_per_tile(min(t, H), min(t, W))
+
+    def step() -> None:
+        state["done"] += 1
+        if progress:
+            progress(state["done"], total())
+
+    def on_retry(tile: int) -> None:  # run_tiled_with_retry halved the tile and the overlap
+        state.update(tile=tile, overlap=state["overlap"] // 2, done=0)
+
+    def tile_fn(t_B3hw: torch.Tensor) -> torch.Tensor:
+        seeds = tile_seeds(options.seed, b, state["index"])
+        state["index"] += 1
+        return restore_tile(t_B3hw, seeds, step)
+
+    out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap,
+                               check_interrupt=check, on_retry=on_retry)
+    return color_fix(out, x_B3HW, options.color_fix).clamp(-1, 1)
+
+
 def _restore_tiled(
     model: Infinity,
     vae: BSQVAE,
@@ -145,45 +210,26 @@ def _restore_tiled(
     check_interrupt: Callable[[], object] | None,
     device: torch.device | None,
 ) -> torch.Tensor:
-    """The shared any-size path: resize by the scale, tile, fit each tile to a schedule, SwinIR,
-    seeds, blend, colour fix. ``restore_tile(lq, schedule, text, seeds, step)`` restores one tile
+    """:func:`restore_tiled` for Infinity: each tile is fitted to its nearest scale schedule and
+    optionally cleaned by SwinIR. ``restore_tile(lq, schedule, text, seeds, step)`` restores one tile
     ``(B, 3, 16h, 16w)`` sized to ``schedule`` with one seed per image and calls ``step()`` after
-    each progress step (:func:`steps_per_tile`); ``progress(done, total)`` counts those steps."""
-    if lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
-        raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {tuple(lq_B3HW.shape)}")
+    each progress step (:func:`steps_per_tile`)."""
+    _check_batch(lq_B3HW)
     device = device or model_device(model)
-    b, _, h, w = lq_B3HW.shape
-    H, W = output_size(h, w, options.scale)
-    x_B3HW = _resize(lq_B3HW.to(device), (H, W))
+    b = lq_B3HW.shape[0]
     text = _text_for(model, text, b, device)
-    check = _interrupt_check(check_interrupt)
-    state = {"tile": options.tile, "overlap": options.overlap, "done": 0, "index": 0}
 
-    def total() -> int:
-        t = state["tile"]
-        return count_tiles(H, W, t, state["overlap"]) * steps_per_tile(min(t, H), min(t, W), b, iterative=iterative)
-
-    def step() -> None:
-        state["done"] += 1
-        if progress:
-            progress(state["done"], total())
-
-    def on_retry(tile: int) -> None:  # run_tiled_with_retry halved the tile and the overlap
-        state.update(tile=tile, overlap=state["overlap"] // 2, done=0)
-
-    def tile_fn(t_B3hw: torch.Tensor) -> torch.Tensor:
+    def infinity_tile(t_B3hw: torch.Tensor, seeds: list[int], step: Callable[[], None]) -> torch.Tensor:
         th, tw = t_B3hw.shape[-2:]
         schedule = fit_schedule(th, tw)
         lq = _resize(t_B3hw, schedule_pixels(schedule))
         if swinir is not None:
             lq = swinir_lib.clean(swinir, lq)
-        seeds = [((options.seed + i) * 1_000_003 + state["index"]) % 2**63 for i in range(b)]
-        state["index"] += 1
         return _resize(restore_tile(lq, schedule, text, seeds, step), (th, tw))
 
-    out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap,
-                               check_interrupt=check, on_retry=on_retry)
-    return color_fix(out, x_B3HW, options.color_fix).clamp(-1, 1)
+    return restore_tiled(lq_B3HW, infinity_tile, options=options,
+                         steps_per_tile=lambda th, tw: steps_per_tile(th, tw, b, iterative=iterative),
+                         progress=progress, check_interrupt=check_interrupt, device=device)
 
 
 def restore_image(
@@ -272,7 +318,7 @@ def restore_pyramid(model: Infinity, vae: BSQVAE, pyramid: Pyramid, *, text: Tex
     text = _text_for(model, text, b, device)
     gens = None
     if options.sampling == "gumbel":
-        gens = [torch.Generator(device).manual_seed(((options.seed + i) * 1_000_003) % 2**63) for i in range(b)]
+        gens = [torch.Generator(device).manual_seed(s) for s in tile_seeds(options.seed, b, 0)]
     res = student.restore_bits(model, vae, pyramid.bits, text, pyramid.schedule, tau=options.tau,
                                generator=gens, sample=options.sampling == "gumbel", device=device)
     out = _resize(res.image, (H, W))

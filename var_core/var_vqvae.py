@@ -133,7 +133,10 @@ class VQVAEConfig:
 def embedding(rows: int, channels: int, ops) -> nn.Module:
     """``ops.Embedding`` without its random init (on the meta device, torch's ``normal_`` imports
     torch._dynamo, ~3 s; the weights are loaded anyway)."""
-    return ops.Embedding(rows, channels, _weight=torch.empty(rows, channels))
+    emb = ops.Embedding(rows, channels, _weight=torch.empty(rows, channels))
+    if not hasattr(emb, "bias"):  # casting layers (comfy.ops) read ``bias``; their reset_parameters sets it,
+        emb.bias = None  # but torch skips reset_parameters when given _weight
+    return emb
 
 
 def _norm(channels: int, ops) -> nn.Module:
