@@ -24,6 +24,7 @@ from .student import (
     load_transformer,
     memory_required as student_memory_required,
     require_family,
+    restore_each,
 )
 from .types import VARVAE, VARVQVAE, VARModel, VARSwinIR, VARText, VarModel, VarSwinIR, VarText, VarVAE, VarVQVAE
 from .vae import memory_required as vae_memory_required
@@ -319,27 +320,11 @@ class VARRestore(io.ComfyNode):
         mm.load_models_gpu(patchers, memory_required=memory)
         logger.info("VAR restore (%s, %s): %d image(s) %dx%d -> %dx%d, %d tile(s) per image", NAMES[family],
                     model.name, batch, w, h, out_w, out_h, per_image)
-        store = mm.intermediate_device()
-        total = per_image * batch
-        pbar = comfy.utils.ProgressBar(total)
-        images = []
-        with torch.inference_mode(), autocast_for(model):
-            for i in range(batch):
-                mm.throw_exception_if_processing_interrupted()
-
-                def progress(done: int, of: int, start: int = i * per_image) -> None:
-                    pbar.update_absolute(start + round(done * per_image / max(of, 1)), total)
-
-                y = var_family.restore_any(
-                    model.module, vae.module, var_image.to_model(rgb[i : i + 1]),
-                    options=dataclasses.replace(options, seed=options.seed + i), varsr=varsr,
-                    restorevar_refine=None if restorevar_refine else False, text=condition,
-                    swinir=None if swinir is None else swinir.module, progress=progress,
-                    check_interrupt=mm.throw_exception_if_processing_interrupted, device=device,
-                )
-                images.append(var_image.from_model(y.float()).to(store))
-        out = torch.cat(images, dim=0)
-        return io.NodeOutput(var_image.merge_alpha(out, None if alpha is None else alpha.to(store)))
+        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_family.restore_any(
+            model.module, vae.module, x, options=dataclasses.replace(options, seed=options.seed + i), varsr=varsr,
+            restorevar_refine=None if restorevar_refine else False, text=condition,
+            swinir=None if swinir is None else swinir.module, progress=progress,
+            check_interrupt=mm.throw_exception_if_processing_interrupted, device=device))
 
 
 class VARClassToImage(io.ComfyNode):

@@ -22,7 +22,7 @@ from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.pyramid import Pyramid
 from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, fit_schedule, scale_schedule, schedule_pixels
 from . import patching
-from .student import autocast_for, require_family
+from .student import autocast_for, require_family, restore_each
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
 from .vae import memory_required as vae_memory_required
 
@@ -208,28 +208,12 @@ class VARIterativeRestore(io.ComfyNode):
             model, vae, schedule, guided=guided, swinir=swinir, out_hw=(out_h, out_w)))
         logger.info("VAR iterative restore: %d image(s) %dx%d -> %dx%d, %d tile(s) of %d scales per image", batch, w,
                     h, out_w, out_h, per_image // len(schedule), len(schedule))
-        store = mm.intermediate_device()
-        total = per_image * batch
-        pbar = comfy.utils.ProgressBar(total)
-        images = []
-        with torch.inference_mode(), autocast_for(model):
-            for i in range(batch):
-                mm.throw_exception_if_processing_interrupted()
-
-                def progress(done: int, of: int, start: int = i * per_image) -> None:
-                    pbar.update_absolute(start + round(done * per_image / max(of, 1)), total)
-
-                # ComfyUI's check raises its InterruptProcessingException (and clears the flag), so an
-                # interrupt between two scales ends the prompt as interrupted, not as an error.
-                y = var_restore.iterative_restore_image(
-                    model.module, vae.module, var_image.to_model(rgb[i : i + 1]), text=condition,
-                    swinir=None if swinir is None else swinir.module,
-                    options=dataclasses.replace(options, seed=options.seed + i), sampler_options=sampler_options,
-                    progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, device=device,
-                )
-                images.append(var_image.from_model(y.float()).to(store))
-        out = torch.cat(images, dim=0)
-        return io.NodeOutput(var_image.merge_alpha(out, None if alpha is None else alpha.to(store)))
+        # ComfyUI's check raises its InterruptProcessingException (and clears the flag), so an
+        # interrupt between two scales ends the prompt as interrupted, not as an error.
+        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.iterative_restore_image(
+            model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,
+            options=dataclasses.replace(options, seed=options.seed + i), sampler_options=sampler_options,
+            progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, device=device))
 
 
 def _preview(codes_Bd1HW: torch.Tensor):

@@ -75,6 +75,31 @@ def autocast_for(model: VARModel):
     return contextlib.nullcontext()
 
 
+def restore_each(model: VARModel, rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tensor | None, per_image: int,
+                 restore_one) -> io.NodeOutput:
+    """Restore a batch image by image under one progress bar of ``per_image`` steps per image.
+
+    ``restore_one(x_13HW, i, progress)`` restores image ``i`` (in [-1, 1]; it gives image ``i``
+    its own seed) and reports ``progress(done, of)``; the results are gathered on ComfyUI's
+    intermediate device and the alpha channel is merged back.
+    """
+    store = mm.intermediate_device()
+    total = per_image * rgb_BHW3.shape[0]
+    pbar = comfy.utils.ProgressBar(total)
+    images = []
+    with torch.inference_mode(), autocast_for(model):
+        for i in range(rgb_BHW3.shape[0]):
+            mm.throw_exception_if_processing_interrupted()
+
+            def progress(done: int, of: int, start: int = i * per_image) -> None:
+                pbar.update_absolute(start + round(done * per_image / max(of, 1)), total)
+
+            y = restore_one(var_image.to_model(rgb_BHW3[i : i + 1]), i, progress)
+            images.append(var_image.from_model(y.float()).to(store))
+    out = torch.cat(images, dim=0)
+    return io.NodeOutput(var_image.merge_alpha(out, None if alpha_BHW1 is None else alpha_BHW1.to(store)))
+
+
 def memory_required(model: VARModel, vae: VARVAE, swinir: VARSwinIR | None, tile_hw: tuple[int, int],
                     out_hw: tuple[int, int]) -> int:
     """Rough working memory (bytes) of restoring one image tile by tile.
@@ -366,26 +391,10 @@ class VAROneStepRestore(io.ComfyNode):
             patchers.append(patching.on_device(swinir.patcher, device, "SwinIR"))
         tile_hw = (min(options.tile, out_h), min(options.tile, out_w))
         mm.load_models_gpu(patchers, memory_required=memory_required(model, vae, swinir, tile_hw, (out_h, out_w)))
-        store = mm.intermediate_device()
-        total = per_image * batch
-        pbar = comfy.utils.ProgressBar(total)
-        images = []
-        with torch.inference_mode(), autocast_for(model):
-            for i in range(batch):
-                mm.throw_exception_if_processing_interrupted()
-
-                def progress(done: int, of: int, start: int = i * per_image) -> None:
-                    pbar.update_absolute(start + round(done * per_image / max(of, 1)), total)
-
-                y = var_restore.restore_image(
-                    model.module, vae.module, var_image.to_model(rgb[i : i + 1]), text=condition,
-                    swinir=None if swinir is None else swinir.module,
-                    options=dataclasses.replace(options, seed=options.seed + i), progress=progress,
-                    check_interrupt=mm.throw_exception_if_processing_interrupted, device=model.patcher.load_device,
-                )
-                images.append(var_image.from_model(y).to(store))
-        out = torch.cat(images, dim=0)
-        return io.NodeOutput(var_image.merge_alpha(out, None if alpha is None else alpha.to(store)))
+        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.restore_image(
+            model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,
+            options=dataclasses.replace(options, seed=options.seed + i), progress=progress,
+            check_interrupt=mm.throw_exception_if_processing_interrupted, device=model.patcher.load_device))
 
     @staticmethod
     def _restore_pyramid(model: VARModel, vae: VARVAE, vae_patcher, pyramid, condition, options,

@@ -6,7 +6,6 @@ for the tiny fixture files, and queued on the real server.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
