@@ -29,12 +29,14 @@ VarText = io.Custom("VAR_TEXT")
 
 
 @dataclass(frozen=True, eq=False)
-class VARVAE:
-    """A loaded Infinity BSQ VAE: ``patcher.model`` is the ``var_core`` ``BSQVAE`` module."""
+class _Patched:
+    """A ``var_core`` module wrapped in a ComfyUI ``ModelPatcher``; ``patcher.model`` is the module."""
 
     patcher: object  # comfy.model_patcher.ModelPatcher
     name: str
     dtype: torch.dtype
+
+    SOCKET = ""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -44,72 +46,51 @@ class VARVAE:
     def config(self):
         return self.patcher.model.config
 
+    def _details(self) -> list[str]:
+        return [self.name, str(self.dtype).removeprefix("torch.")]
+
     def __repr__(self) -> str:  # shown in ComfyUI's error reports ("current_inputs")
-        return f"VAR_VAE({self.name}, {str(self.dtype).removeprefix('torch.')})"
+        return f"{self.SOCKET}({', '.join(self._details())})"
 
 
-@dataclass(frozen=True, eq=False)
-class VARModel:
-    """A loaded transformer: ``patcher.model`` is the ``var_core`` module of ``family`` (a
-    ``var_core.Family`` value: ``infinity`` for Infinity / VARestorer, ``varsr``, ``restorevar``, ``var``).
+@dataclass(frozen=True, eq=False, repr=False)
+class VARVAE(_Patched):
+    """A loaded Infinity BSQ VAE (``var_core`` ``BSQVAE``)."""
+
+    SOCKET = "VAR_VAE"
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class VARModel(_Patched):
+    """A loaded transformer of ``family`` (a ``var_core.Family`` value: ``infinity`` for Infinity /
+    VARestorer, ``varsr``, ``restorevar``, ``var``).
 
     ``lora`` is ``"merged"`` (adapters folded into the weights), ``"adapters"`` (peft layers) or
     ``"none"`` (a checkpoint without LoRA, and every family but Infinity)."""
 
-    patcher: object  # comfy.model_patcher.ModelPatcher
-    name: str
-    dtype: torch.dtype
-    lora: str
+    lora: str = "none"
     family: str = "infinity"
 
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.patcher.model
+    SOCKET = "VAR_MODEL"
 
-    @property
-    def config(self):
-        return self.patcher.model.config
-
-    def __repr__(self) -> str:
+    def _details(self) -> list[str]:
         if self.family != "infinity":
-            return f"VAR_MODEL({self.name}, {self.family}, {str(self.dtype).removeprefix('torch.')})"
-        return f"VAR_MODEL({self.name}, {str(self.dtype).removeprefix('torch.')}, LoRA {self.lora})"
+            return [self.name, self.family, str(self.dtype).removeprefix("torch.")]
+        return [*super()._details(), f"LoRA {self.lora}"]
 
 
-@dataclass(frozen=True, eq=False)
-class VARVQVAE:
-    """A loaded VAR multi-scale VQVAE (VAR, VARSR, RestoreVAR): ``patcher.model`` is the ``var_core`` ``VQVAE``."""
+@dataclass(frozen=True, eq=False, repr=False)
+class VARVQVAE(_Patched):
+    """A loaded VAR multi-scale VQVAE (VAR, VARSR, RestoreVAR; ``var_core`` ``VQVAE``)."""
 
-    patcher: object  # comfy.model_patcher.ModelPatcher
-    name: str
-    dtype: torch.dtype
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.patcher.model
-
-    @property
-    def config(self):
-        return self.patcher.model.config
-
-    def __repr__(self) -> str:
-        return f"VAR_VQVAE({self.name}, {str(self.dtype).removeprefix('torch.')})"
+    SOCKET = "VAR_VQVAE"
 
 
-@dataclass(frozen=True, eq=False)
-class VARSwinIR:
-    """A loaded SwinIR pre-cleaner: ``patcher.model`` is the ``var_core`` ``SwinIR`` module."""
+@dataclass(frozen=True, eq=False, repr=False)
+class VARSwinIR(_Patched):
+    """A loaded SwinIR pre-cleaner (``var_core`` ``SwinIR``)."""
 
-    patcher: object  # comfy.model_patcher.ModelPatcher
-    name: str
-    dtype: torch.dtype
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.patcher.model
-
-    def __repr__(self) -> str:
-        return f"VAR_SWINIR({self.name}, {str(self.dtype).removeprefix('torch.')})"
+    SOCKET = "VAR_SWINIR"
 
 
 @dataclass(frozen=True, eq=False)
