@@ -25,6 +25,7 @@ from .student import (
     memory_required as student_memory_required,
     require_family,
     restore_each,
+    tile_inputs,
 )
 from .types import VARVAE, VARVQVAE, VARModel, VARSwinIR, VARText, VarModel, VarSwinIR, VarText, VarVAE, VarVQVAE
 from .vae import memory_required as vae_memory_required
@@ -205,22 +206,14 @@ class VARRestore(io.ComfyNode):
                     tooltip="Seed of the sampling; image i of a batch uses seed + i. VARestorer: the Gumbel noise "
                             "(unused by argmax); VARSR: token draws and refiner noise; RestoreVAR: unused (greedy).",
                 ),
-                io.Float.Input(
-                    "scale", default=4.0, min=0.25, max=var_restore.MAX_SCALE, step=0.05,
-                    tooltip="Output size / input size; the image is resized (bicubic) by it, then each tile is "
-                            "restored at that size. VARestorer and VARSR are x4 models; RestoreVAR restores at 1x "
-                            "(use 1).",
-                ),
-                io.Int.Input(
-                    "tile_size", default=512, min=64, max=4096, step=16,
-                    tooltip="Tile side in output pixels; 512 is what the released models were trained on (VARSR / "
-                            "RestoreVAR tiles are resized to the model's input size). Images that fit in one tile "
-                            "are restored whole. Out of memory: the tile is halved and retried.",
-                ),
-                io.Int.Input(
-                    "tile_overlap", default=64, min=0, max=4064, step=8,
-                    tooltip="Overlap between neighbouring tiles in output pixels (blended with Gaussian weights); "
-                            "must be smaller than the tile size.",
+                *tile_inputs(
+                    scale_tooltip=("Output size / input size; the image is resized (bicubic) by it, then "
+                                   "each tile is restored at that size. VARestorer and VARSR are x4 models; "
+                                   "RestoreVAR restores at 1x (use 1)."),
+                    tile_tooltip=("Tile side in output pixels; 512 is what the released models were trained"
+                                  " on (VARSR / RestoreVAR tiles are resized to the model's input size). "
+                                  "Images that fit in one tile are restored whole. Out of memory: the tile "
+                                  "is halved and retried."),
                 ),
                 io.Combo.Input(
                     "color_fix", options=list(var_family.COLOR_FIX_CHOICES), default="auto",

@@ -22,7 +22,7 @@ from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.pyramid import Pyramid
 from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, fit_schedule, scale_schedule, schedule_pixels
 from . import patching
-from .student import autocast_for, require_family, restore_each
+from .student import autocast_for, require_family, restore_each, tile_inputs
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
 from .vae import memory_required as vae_memory_required
 
@@ -149,19 +149,10 @@ class VARIterativeRestore(io.ComfyNode):
                 VarVAE.Input("vae", tooltip="The Infinity BSQ VAE (infinity_vae_d32reg.pth) from Load VAR VAE."),
                 io.Image.Input("image", tooltip="Low-quality images to restore (any size, RGB or RGBA)."),
                 *_sampler_inputs(DEFAULTS.cfg),
-                io.Float.Input(
-                    "scale", default=4.0, min=0.25, max=var_restore.MAX_SCALE, step=0.05,
-                    tooltip="Output size / input size.",
-                ),
-                io.Int.Input(
-                    "tile_size", default=512, min=64, max=4096, step=16,
-                    tooltip="Tile side in output pixels; images that fit in one tile are restored whole. Out of "
-                            "memory: the tile is halved and retried.",
-                ),
-                io.Int.Input(
-                    "tile_overlap", default=64, min=0, max=4064, step=8,
-                    tooltip="Overlap between neighbouring tiles in output pixels (blended with Gaussian weights); "
-                            "must be smaller than the tile size.",
+                *tile_inputs(
+                    scale_tooltip="Output size / input size.",
+                    tile_tooltip=("Tile side in output pixels; images that fit in one tile are restored "
+                                  "whole. Out of memory: the tile is halved and retried."),
                 ),
                 io.Combo.Input(
                     "color_fix", options=list(COLOR_FIX_MODES), default="none",

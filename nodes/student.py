@@ -75,6 +75,19 @@ def autocast_for(model: VARModel):
     return contextlib.nullcontext()
 
 
+OVERLAP_TOOLTIP = ("Overlap between neighbouring tiles in output pixels (blended with Gaussian weights); must be "
+                   "smaller than the tile size.")
+
+
+def tile_inputs(*, scale_tooltip: str, tile_tooltip: str) -> list:
+    """The ``scale``, ``tile_size`` and ``tile_overlap`` widgets of the restore nodes (one set of limits)."""
+    return [
+        io.Float.Input("scale", default=4.0, min=0.25, max=var_restore.MAX_SCALE, step=0.05, tooltip=scale_tooltip),
+        io.Int.Input("tile_size", default=512, min=64, max=4096, step=16, tooltip=tile_tooltip),
+        io.Int.Input("tile_overlap", default=64, min=0, max=4064, step=8, tooltip=OVERLAP_TOOLTIP),
+    ]
+
+
 def restore_each(model: VARModel, rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tensor | None, per_image: int,
                  restore_one) -> io.NodeOutput:
     """Restore a batch image by image under one progress bar of ``per_image`` steps per image.
@@ -311,19 +324,11 @@ class VAROneStepRestore(io.ComfyNode):
                     tooltip="gumbel: the official temperature-0.5 Gumbel draw of the bits (seeded); argmax: "
                             "deterministic, noise-free bits (slightly smoother).",
                 ),
-                io.Float.Input(
-                    "scale", default=4.0, min=0.25, max=var_restore.MAX_SCALE, step=0.05,
-                    tooltip="Output size / input size (the official demo restores x4).",
-                ),
-                io.Int.Input(
-                    "tile_size", default=512, min=64, max=4096, step=16,
-                    tooltip="Tile side in output pixels; 512 is what the model was trained on. Images that fit "
-                            "in one tile are restored whole. Out of memory: the tile is halved and retried.",
-                ),
-                io.Int.Input(
-                    "tile_overlap", default=64, min=0, max=4064, step=8,
-                    tooltip="Overlap between neighbouring tiles in output pixels (blended with Gaussian "
-                            "weights); must be smaller than the tile size.",
+                *tile_inputs(
+                    scale_tooltip="Output size / input size (the official demo restores x4).",
+                    tile_tooltip=("Tile side in output pixels; 512 is what the model was trained on. Images"
+                                  " that fit in one tile are restored whole. Out of memory: the tile is "
+                                  "halved and retried."),
                 ),
                 io.Combo.Input(
                     "color_fix", options=list(COLOR_FIX_MODES), default="none",
