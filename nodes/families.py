@@ -16,7 +16,7 @@ from .. import var_core
 from ..var_core import family_restore as var_family
 from ..var_core import image as var_image
 from ..var_core import restore as var_restore
-from . import folders, patching
+from . import categories, folders, patching
 from .student import (
     DTYPES,
     _check_dtype_choice,
@@ -64,7 +64,7 @@ class VARLoadVQVAE(io.ComfyNode):
         return io.Schema(
             node_id="VARLoadVQVAE",
             display_name="Load VAR VQVAE (VAR / VARSR / RestoreVAR)",
-            category="VAR/vae",
+            category=categories.LOADERS,
             description=(
                 "Loads the multi-scale VQVAE of the original VAR (vae_ch160v4096z32.pth), VARSR (VQVAE.pth) or "
                 "RestoreVAR (vae_restorevar.ckpt) from models/var/. The architecture is read from the weights. "
@@ -93,7 +93,7 @@ class VARLoadVQVAE(io.ComfyNode):
         load_device = mm.vae_device()
         offload_device = mm.vae_offload_device()
         # Plain layers in either precision: the VQVAE casts its inputs to its weights' dtype (as the BSQ VAE).
-        loaded = var_core.load(folders.full_path(vqvae_name), expect=Family.VAR_VQVAE,
+        loaded = var_core.load(folders.full_path(vqvae_name, folders.OFFICIAL_VQVAE), expect=Family.VAR_VQVAE,
                                operations=comfy.ops.disable_weight_init)
         module = loaded.model.to(device=offload_device, dtype=dtype).eval()
         patcher = patching.make_patcher(module, load_device=load_device, offload_device=offload_device)
@@ -110,7 +110,7 @@ class VARLoadModel(io.ComfyNode):
         return io.Schema(
             node_id="VARLoadModel",
             display_name="Load VAR Model (any family)",
-            category="VAR/restore",
+            category=categories.LOADERS,
             description=(
                 "Loads any transformer of the pack from models/var/ and detects its family from the weights: "
                 "VARestorer / Infinity (varestorer.pth, infinity_2b_reg.pth), VARSR (VARSR.pth), RestoreVAR "
@@ -182,10 +182,11 @@ class VARRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VARRestore",
-            display_name="VAR Restore (VARestorer / VARSR / RestoreVAR)",
-            category="VAR/restore",
+            display_name="VAR Restore / Super-Resolution (VARestorer / VARSR / RestoreVAR)",
+            category=categories.RESTORE,
             description=(
-                "Restores images with any restoration family, picked from the connected model: VARestorer (one "
+                "Restores and upscales images (real-world super-resolution, denoise, deblur, all-in-one "
+                "restoration) with any restoration family, picked from the connected model: VARestorer (one "
                 "step per tile, with the Infinity VAE, optional SwinIR and text), VARSR (x4 super-resolution by "
                 "next-scale prediction with image guidance and a diffusion refiner) or RestoreVAR (all-in-one "
                 "restoration at the input size). The image is resized by the scale factor and restored in "
@@ -298,9 +299,10 @@ class VARRestore(io.ComfyNode):
                         options.scale)
         device = model.patcher.load_device
         vae_patcher = patching.on_device(vae.patcher, device, "VAE")
+        # The size is refused (above MAX_SIDE) before split_alpha copies the pixels.
+        out_h, out_w = var_restore.output_size(*var_image.image_size(image), options.scale)
         rgb, alpha = var_image.split_alpha(image)
         batch, h, w, _ = rgb.shape
-        out_h, out_w = var_restore.output_size(h, w, options.scale)
         per_image = var_restore.count_steps(h, w, options)
         patchers = [model.patcher, vae_patcher]
         if swinir is not None:
@@ -313,11 +315,12 @@ class VARRestore(io.ComfyNode):
         mm.load_models_gpu(patchers, memory_required=memory)
         logger.info("VAR restore (%s, %s): %d image(s) %dx%d -> %dx%d, %d tile(s) per image", NAMES[family],
                     model.name, batch, w, h, out_w, out_h, per_image)
-        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_family.restore_any(
-            model.module, vae.module, x, options=dataclasses.replace(options, seed=options.seed + i), varsr=varsr,
-            restorevar_refine=None if restorevar_refine else False, text=condition,
-            swinir=None if swinir is None else swinir.module, progress=progress,
-            check_interrupt=mm.throw_exception_if_processing_interrupted, device=device))
+        return io.NodeOutput(restore_each(
+            model, rgb, alpha, per_image, lambda x, i, progress: var_family.restore_any(
+                model.module, vae.module, x, options=dataclasses.replace(options, seed=options.seed + i), varsr=varsr,
+                restorevar_refine=None if restorevar_refine else False, text=condition,
+                swinir=None if swinir is None else swinir.module, progress=progress,
+                check_interrupt=mm.throw_exception_if_processing_interrupted, device=device)))
 
 
 class VARClassToImage(io.ComfyNode):
@@ -326,7 +329,7 @@ class VARClassToImage(io.ComfyNode):
         return io.Schema(
             node_id="VARClassToImage",
             display_name="VAR Class to Image",
-            category="VAR/sampling",
+            category=categories.SAMPLING,
             description=(
                 "Generates images of an ImageNet class with the original class-conditional VAR (var_d16.pth ... "
                 "var_d30.pth, with vae_ch160v4096z32.pth): next-scale prediction with classifier-free guidance on "

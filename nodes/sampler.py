@@ -21,14 +21,13 @@ from ..var_core.bsq_quant import NEXT_SCALE_MODES
 from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.pyramid import Pyramid
 from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, fit_schedule, scale_schedule, schedule_pixels
-from . import patching
+from . import categories, patching
 from .student import autocast_for, require_family, restore_each, tile_inputs
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
 from .vae import memory_required as vae_memory_required
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "VAR/sampling"
 ASPECTS = {f"{ratio:.3f}": ratio for ratio in H_DIV_W_TEMPLATES}  # height / width, as Infinity names them
 DEFAULTS = var_sampler.SamplerOptions()
 
@@ -135,13 +134,14 @@ class VARIterativeRestore(io.ComfyNode):
         return io.Schema(
             node_id="VARIterativeRestore",
             display_name="VAR Iterative Restore (Infinity teacher)",
-            category=CATEGORY,
+            category=categories.RESTORE,
             description=(
-                "Restores images with the iterative Infinity teacher, the baseline VARestorer distils into one "
-                "step: each tile is encoded into its token pyramid, and the transformer samples the scales one "
-                "after another with the LQ pyramid as the input of the first 10 scales. Same sizes, tiles, SwinIR "
-                "and colour fix as VAR One-Step Restore, but one transformer pass per scale (slower). Use "
-                "infinity_2b_reg.pth, or varestorer.pth loaded with strip_lora. Alpha is kept."
+                "Restores and upscales (super-resolution) images with the iterative Infinity teacher, the "
+                "baseline VARestorer distils into one step: each tile is encoded into its token pyramid, and the "
+                "transformer samples the scales one after another with the LQ pyramid as the input of the first "
+                "10 scales. Same sizes, tiles, SwinIR and colour fix as VAR One-Step Restore, but one transformer "
+                "pass per scale (slower). Use infinity_2b_reg.pth, or varestorer.pth loaded with strip_lora. "
+                "Alpha is kept."
             ),
             inputs=[
                 VarModel.Input("model", tooltip="The Infinity teacher (infinity_2b_reg.pth, or the VARestorer file "
@@ -185,9 +185,10 @@ class VARIterativeRestore(io.ComfyNode):
         _warn_if_student(model, "VAR Iterative Restore")
         device = model.patcher.load_device
         vae_patcher = patching.on_device(vae.patcher, device, "VAE")
+        # The size is refused (above MAX_SIDE) before split_alpha copies the pixels.
+        out_h, out_w = var_restore.output_size(*var_image.image_size(image), options.scale)
         rgb, alpha = var_image.split_alpha(image)
         batch, h, w, _ = rgb.shape
-        out_h, out_w = var_restore.output_size(h, w, options.scale)
         per_image = var_restore.count_steps(h, w, options, iterative=True)
         tile_h, tile_w = min(options.tile, out_h), min(options.tile, out_w)
         schedule = fit_schedule(tile_h, tile_w)
@@ -201,10 +202,11 @@ class VARIterativeRestore(io.ComfyNode):
                     h, out_w, out_h, per_image // len(schedule), len(schedule))
         # ComfyUI's check raises its InterruptProcessingException (and clears the flag), so an
         # interrupt between two scales ends the prompt as interrupted, not as an error.
-        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.iterative_restore_image(
-            model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,
-            options=dataclasses.replace(options, seed=options.seed + i), sampler_options=sampler_options,
-            progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, device=device))
+        return io.NodeOutput(restore_each(
+            model, rgb, alpha, per_image, lambda x, i, progress: var_restore.iterative_restore_image(
+                model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,
+                options=dataclasses.replace(options, seed=options.seed + i), sampler_options=sampler_options,
+                progress=progress, check_interrupt=mm.throw_exception_if_processing_interrupted, device=device)))
 
 
 def _preview(codes_Bd1HW: torch.Tensor):
@@ -220,7 +222,7 @@ class VARTextToImage(io.ComfyNode):
         return io.Schema(
             node_id="VARTextToImage",
             display_name="VAR Text to Image (Infinity)",
-            category=CATEGORY,
+            category=categories.SAMPLING,
             description=(
                 "Generates images from a prompt with Infinity's next-scale bitwise sampling (the iterative "
                 "teacher, infinity_2b_reg.pth): scale after scale, each bit drawn with guidance, temperature and "

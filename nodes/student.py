@@ -17,17 +17,18 @@ from .. import var_core
 from ..var_core import image as var_image
 from ..var_core import loading as var_loading
 from ..var_core import lora as var_lora
+from ..var_core import pyramid as var_pyramid
 from ..var_core import restore as var_restore
 from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.detect import DESCRIPTIONS
 from ..var_core.tiling import count_tiles
-from . import folders, patching
+from . import categories, folders, patching
+from .dependencies import optional_dependencies
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
-from .vae import memory_required as vae_memory_required
+from .vae import encode_each, memory_required as vae_memory_required
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "VAR/restore"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -89,12 +90,12 @@ def tile_inputs(*, scale_tooltip: str, tile_tooltip: str) -> list:
 
 
 def restore_each(model: VARModel, rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tensor | None, per_image: int,
-                 restore_one) -> io.NodeOutput:
+                 restore_one) -> torch.Tensor:
     """Restore a batch image by image under one progress bar of ``per_image`` steps per image.
 
     ``restore_one(x_13HW, i, progress)`` restores image ``i`` (in [-1, 1]; it gives image ``i``
     its own seed) and reports ``progress(done, of)``; the results are gathered on ComfyUI's
-    intermediate device and the alpha channel is merged back.
+    intermediate device and the alpha channel is merged back: the node's IMAGE.
     """
     store = mm.intermediate_device()
     total = per_image * rgb_BHW3.shape[0]
@@ -110,7 +111,7 @@ def restore_each(model: VARModel, rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tens
             y = restore_one(var_image.to_model(rgb_BHW3[i : i + 1]), i, progress)
             images.append(var_image.from_model(y.float()).to(store))
     out = torch.cat(images, dim=0)
-    return io.NodeOutput(var_image.merge_alpha(out, None if alpha_BHW1 is None else alpha_BHW1.to(store)))
+    return var_image.merge_alpha(out, None if alpha_BHW1 is None else alpha_BHW1.to(store))
 
 
 def memory_required(model: VARModel, vae: VARVAE, swinir: VARSwinIR | None, tile_hw: tuple[int, int],
@@ -131,6 +132,32 @@ def memory_required(model: VARModel, vae: VARVAE, swinir: VARSwinIR | None, tile
     return int(transformer + max(vae_memory_required(vae, th, tw), cleaner) + blend)
 
 
+class TileBits:
+    """The predicted bits of each tile of each image of a restore (collected through ``on_bits``),
+    made into the node's ``VAR_PYRAMID`` output."""
+
+    def __init__(self, batch: int):
+        self.tiles: list[list[tuple[list[torch.Tensor], list]]] = [[] for _ in range(batch)]
+
+    def collector(self, i: int):
+        """The ``on_bits(bits, schedule)`` callback of image ``i``; bits go to the intermediate device."""
+        store = mm.intermediate_device()
+        return lambda bits, schedule: self.tiles[i].append(([b.to(store) for b in bits], list(schedule)))
+
+    def pyramid(self, vae: VARVAE, restored_BHWC: torch.Tensor, alpha_BHW1, device) -> var_pyramid.Pyramid:
+        """Every image restored as one tile: its predicted bits (exact), at the restored size. Tiled:
+        no single prediction covers the image, so the restored images are encoded by the VAE (loaded
+        on ``device``), which fits them to an Infinity schedule of at most ~1M pixels."""
+        size = tuple(restored_BHWC.shape[1:3])
+        if all(len(tiles) == 1 for tiles in self.tiles):
+            bits = [torch.cat(scale, dim=0) for scale in zip(*(tiles[0][0] for tiles in self.tiles))]
+            return var_pyramid.Pyramid(schedule=self.tiles[0][0][1], bits=bits, image_size=size, alpha=alpha_BHW1)
+        logger.info("VAR One-Step Restore: the image was restored in tiles; its VAR_PYRAMID output is the VAE "
+                    "encoding of the restored image")
+        with torch.inference_mode():
+            return encode_each(vae, restored_BHWC[..., :3], alpha_BHW1, device=device)
+
+
 class VARLoadStudent(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -138,13 +165,13 @@ class VARLoadStudent(io.ComfyNode):
         return io.Schema(
             node_id="VARLoadStudent",
             display_name="Load VARestorer Model",
-            category=CATEGORY,
+            category=categories.LOADERS,
             description=(
-                "Loads the VARestorer one-step restoration transformer (varestorer.pth: Infinity-2B with LoRA "
-                "adapters) from models/var/. The architecture is read from the weights. Use it with "
-                "VAR One-Step Restore and the Infinity VAE (infinity_vae_d32reg.pth). It also loads the Infinity "
-                "teacher (infinity_2b_reg.pth) for VAR Iterative Restore and VAR Text to Image; strip_lora turns "
-                "varestorer.pth into that teacher."
+                "Loads the VARestorer one-step restoration / super-resolution transformer (varestorer.pth: "
+                "Infinity-2B with LoRA adapters) from models/var/. The architecture is read from the weights. Use "
+                "it with VAR One-Step Restore and the Infinity VAE (infinity_vae_d32reg.pth). It also loads the "
+                "Infinity teacher (infinity_2b_reg.pth) for VAR Iterative Restore and VAR Text to Image; "
+                "strip_lora turns varestorer.pth into that teacher."
             ),
             inputs=[
                 io.Combo.Input(
@@ -209,11 +236,13 @@ def load_transformer(model_name: str, *, families: tuple[str, ...], weight_dtype
     _check_dtype_choice(weight_dtype, "fp16 can overflow in the transformer")
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    path = folders.full_path(model_name)
+    official = folders.OFFICIAL_MODELS if var_core.Family.VAR in families else folders.OFFICIAL_STUDENT
+    path = folders.full_path(model_name, official)
     family, sd = var_core.inspect(path)
     var_loading.check_family(family, families, path)
     dtype = resolve_model_dtype(weight_dtype, family, load_device)
-    loaded = var_core.load(sd, operations=operations_for(dtype))
+    with optional_dependencies(f"Loading {model_name}"):
+        loaded = var_core.load(sd, operations=operations_for(dtype))
     del sd
     module = loaded.model
     lora_state = "none"
@@ -252,22 +281,23 @@ def require_family(model: VARModel, families: tuple[str, ...], node: str, hint: 
 class VARLoadSwinIR(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = folders.filenames()
+        names = folders.swinir_filenames()
         return io.Schema(
             node_id="VARLoadSwinIR",
             display_name="Load SwinIR Pre-cleaner (VAR)",
-            category=CATEGORY,
+            category=categories.LOADERS,
             description=(
-                "Loads the SwinIR restorer that VARestorer runs on each low-quality tile before encoding it "
-                "(DiffBIR's general_swinir_v1.ckpt) from models/var/. Connect it to VAR One-Step Restore."
+                "Loads the SwinIR restorer (denoise / deblur pre-cleaner) that VARestorer runs on each "
+                "low-quality tile before encoding it (DiffBIR's general_swinir_v1.ckpt) from ComfyUI's "
+                "models/upscale_models/ or models/var/. Connect it to VAR One-Step Restore or VAR Restore."
             ),
             inputs=[
                 io.Combo.Input(
                     "swinir_name",
                     options=names,
                     default=folders.pick_default(names, folders.OFFICIAL_SWINIR),
-                    tooltip=f"SwinIR weights in models/{folders.FOLDER}/ (the official file is "
-                            "general_swinir_v1.ckpt).",
+                    tooltip=f"SwinIR weights in models/{folders.UPSCALE_MODELS}/ or models/{folders.FOLDER}/ (both "
+                            "listed; the official file is general_swinir_v1.ckpt).",
                 ),
                 io.Combo.Input(
                     "weight_dtype",
@@ -285,7 +315,7 @@ class VARLoadSwinIR(io.ComfyNode):
         load_device = mm.get_torch_device()
         offload_device = mm.unet_offload_device()
         dtype = resolve_swinir_dtype(weight_dtype)
-        path = folders.full_path(swinir_name)
+        path = folders.swinir_path(swinir_name)
         loaded = var_core.load(path, expect=var_core.Family.SWINIR, operations=operations_for(dtype))
         module = loaded.model.to(device=offload_device, dtype=dtype).eval()
         patcher = patching.make_patcher(module, load_device=load_device, offload_device=offload_device)
@@ -299,13 +329,14 @@ class VAROneStepRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="VAROneStepRestore",
-            display_name="VAR One-Step Restore (VARestorer)",
-            category=CATEGORY,
+            display_name="VAR One-Step Restore / Upscale (VARestorer)",
+            category=categories.RESTORE,
             description=(
-                "Super-resolves and restores images with VARestorer in one transformer pass per tile: the image "
-                "is resized by the scale factor, split into overlapping tiles, each optionally cleaned by "
-                "SwinIR, encoded into the VAE's token pyramid, restored and decoded; tiles are blended without "
-                "seams. Alternatively restores an already encoded pyramid (no tiles, no SwinIR). Alpha is kept."
+                "Super-resolution (upscale x4) and restoration of real-world photos with VARestorer in one "
+                "transformer pass per tile: the image is resized by the scale factor, split into overlapping "
+                "tiles, each optionally cleaned by SwinIR, encoded into the VAE's token pyramid, restored and "
+                "decoded; tiles are blended without seams. Alternatively restores an already encoded pyramid (no "
+                "tiles, no SwinIR). Alpha is kept."
             ),
             inputs=[
                 VarModel.Input("model", tooltip="The VARestorer transformer from Load VARestorer Model."),
@@ -351,7 +382,16 @@ class VAROneStepRestore(io.ComfyNode):
                             "on its own scale schedule, and resized to its original size times the scale.",
                 ),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE", tooltip="Restored images (RGBA when the input had alpha).")],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="Restored images (RGBA when the input had alpha)."),
+                VarPyramid.Output(
+                    display_name="VAR_PYRAMID",
+                    tooltip="Token pyramid of the restored images, for VAR Pyramid Preview or VAR Decode Pyramid: "
+                            "the bits the model predicted when each image was restored as one tile (or from a "
+                            "pyramid input); for a tiled restoration, the VAE encoding of the restored images "
+                            "(fitted to an Infinity size of at most about 1M pixels). Colour fix is not in the bits.",
+                ),
+            ],
         )
 
     @classmethod
@@ -384,26 +424,29 @@ class VAROneStepRestore(io.ComfyNode):
         device = model.patcher.load_device
         vae_patcher = patching.on_device(vae.patcher, device, "VAE")
         if pyramid is not None:
-            return io.NodeOutput(cls._restore_pyramid(model, vae, vae_patcher, pyramid, condition, options,
-                                                      image is not None, swinir is not None))
+            return io.NodeOutput(*cls._restore_pyramid(model, vae, vae_patcher, pyramid, condition, options,
+                                                       image is not None, swinir is not None))
 
+        # The size is refused (above MAX_SIDE) before split_alpha copies the pixels.
+        out_h, out_w = var_restore.output_size(*var_image.image_size(image), options.scale)
         rgb, alpha = var_image.split_alpha(image)
         batch, h, w, _ = rgb.shape
-        out_h, out_w = var_restore.output_size(h, w, options.scale)
         per_image = count_tiles(out_h, out_w, options.tile, options.overlap)
         patchers = [model.patcher, vae_patcher]
         if swinir is not None:
             patchers.append(patching.on_device(swinir.patcher, device, "SwinIR"))
         tile_hw = (min(options.tile, out_h), min(options.tile, out_w))
         mm.load_models_gpu(patchers, memory_required=memory_required(model, vae, swinir, tile_hw, (out_h, out_w)))
-        return restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.restore_image(
+        tiles = TileBits(batch)
+        restored = restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.restore_image(
             model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,
             options=dataclasses.replace(options, seed=options.seed + i), progress=progress,
-            check_interrupt=mm.throw_exception_if_processing_interrupted, device=model.patcher.load_device))
+            check_interrupt=mm.throw_exception_if_processing_interrupted, device=device, on_bits=tiles.collector(i)))
+        return io.NodeOutput(restored, tiles.pyramid(vae, restored, alpha, device))
 
     @staticmethod
     def _restore_pyramid(model: VARModel, vae: VARVAE, vae_patcher, pyramid, condition, options,
-                         has_image: bool, has_swinir: bool) -> torch.Tensor:
+                         has_image: bool, has_swinir: bool) -> tuple[torch.Tensor, var_pyramid.Pyramid]:
         if has_image:
             logger.info("VAR One-Step Restore: a pyramid is connected, restoring it; the image input is not used")
         if has_swinir:
@@ -421,6 +464,7 @@ class VAROneStepRestore(io.ComfyNode):
         store = mm.intermediate_device()
         batch = pyramid.batch_size
         pbar = comfy.utils.ProgressBar(batch)
+        tiles = TileBits(batch)
         images = []
         with torch.inference_mode(), autocast_for(model):
             for i in range(batch):
@@ -428,11 +472,12 @@ class VAROneStepRestore(io.ComfyNode):
                 one = dataclasses.replace(pyramid, bits=[b[i : i + 1] for b in pyramid.bits], alpha=None)
                 y = var_restore.restore_pyramid(model.module, vae.module, one, text=condition,
                                                 options=dataclasses.replace(options, seed=options.seed + i),
-                                                device=model.patcher.load_device)
+                                                device=model.patcher.load_device, on_bits=tiles.collector(i))
                 images.append(var_image.from_model(y).to(store))
                 pbar.update(1)
-        out = torch.cat(images, dim=0)
-        return var_image.merge_alpha(out, None if pyramid.alpha is None else pyramid.alpha.to(store))
+        alpha = None if pyramid.alpha is None else pyramid.alpha.to(store)
+        out = var_image.merge_alpha(torch.cat(images, dim=0), alpha)
+        return out, tiles.pyramid(vae, out, alpha, model.patcher.load_device)
 
 
 NODES = [VARLoadStudent, VARLoadSwinIR, VAROneStepRestore]

@@ -10,12 +10,12 @@ from comfy_api.latest import io
 
 from .. import var_core
 from ..var_core import text as var_text
-from . import folders
+from . import categories, folders
+from .dependencies import optional_dependencies
 from .types import VART5, VARText, VarT5, VarText
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "VAR/text"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -40,7 +40,7 @@ class VARLoadT5(io.ComfyNode):
         return io.Schema(
             node_id="VARLoadT5",
             display_name="Load T5 Text Encoder (VAR)",
-            category=CATEGORY,
+            category=categories.LOADERS,
             description=(
                 "Loads a T5 text encoder folder in the transformers format (flan-t5-xl for VARestorer and "
                 "Infinity: config.json, tokenizer files, weights) from models/text_encoders/. Nothing is "
@@ -70,7 +70,8 @@ class VARLoadT5(io.ComfyNode):
         device = mm.text_encoder_device()
         dtype = resolve_t5_dtype(weight_dtype, device)
         folder = folders.text_encoder_path(t5_name)
-        encoder = var_text.T5TextEncoder.from_folder(folder, dtype=dtype)
+        with optional_dependencies("Load T5 Text Encoder (VAR)"):
+            encoder = var_text.T5TextEncoder.from_folder(folder, dtype=dtype)
         encoder.encoder.to(mm.text_encoder_offload_device())
         logger.info("VAR T5 %s: %d channels, %.0fM parameters, encodes on %s, dtype %s", t5_name, encoder.channels,
                     sum(p.numel() for p in encoder.encoder.parameters()) / 1e6, device, dtype)
@@ -83,7 +84,7 @@ class VARTextEncode(io.ComfyNode):
         return io.Schema(
             node_id="VARTextEncode",
             display_name="VAR Text Encode (T5)",
-            category=CATEGORY,
+            category=categories.TEXT,
             description=(
                 "Encodes a prompt with the T5 text encoder for VAR One-Step Restore (at most 512 tokens). An "
                 "empty prompt means unconditional restoration, as in the official demo."

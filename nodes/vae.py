@@ -1,4 +1,5 @@
-"""Infinity BSQ VAE nodes: load the VAE, encode an image into its token pyramid, decode it back."""
+"""Infinity BSQ VAE nodes: load the VAE, encode an image into its token pyramid, decode it back, and
+preview how the pyramid builds the image scale by scale."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ from comfy_api.latest import io
 from .. import var_core
 from ..var_core import image as var_image
 from ..var_core import pyramid as var_pyramid
-from . import folders
+from . import categories, folders
 from .types import VARVAE, VarPyramid, VarVAE
 
 logger = logging.getLogger(__name__)
 
-CATEGORY = "VAR/vae"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -47,6 +47,25 @@ def memory_required(vae: VARVAE, height: int, width: int) -> int:
     return int(height * width * base_ch * 17 * mm.dtype_size(vae.dtype))
 
 
+def encode_each(vae: VARVAE, rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tensor | None, *, device,
+                pbar=None) -> var_pyramid.Pyramid:
+    """Encode a batch image by image (the VAE already loaded on ``device``) into one pyramid on
+    ComfyUI's intermediate device, ``alpha`` kept aside; ``pbar`` advances once per image."""
+    store = mm.intermediate_device()
+    parts = []
+    for i in range(rgb_BHW3.shape[0]):
+        mm.throw_exception_if_processing_interrupted()
+        part = var_pyramid.encode_image(vae.module, var_image.to_model(rgb_BHW3[i : i + 1]), device=device)
+        parts.append(part.to(store))
+        if pbar is not None:
+            pbar.update(1)
+    return dataclasses.replace(
+        parts[0],
+        bits=[torch.cat(scale, dim=0) for scale in zip(*(p.bits for p in parts))],
+        alpha=None if alpha_BHW1 is None else alpha_BHW1.to(store),
+    )
+
+
 class VARLoadVAE(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -55,10 +74,11 @@ class VARLoadVAE(io.ComfyNode):
         return io.Schema(
             node_id="VARLoadVAE",
             display_name="Load VAR VAE (Infinity BSQ)",
-            category=CATEGORY,
+            category=categories.LOADERS,
             description=(
                 "Loads an Infinity BSQ multi-scale VAE (infinity_vae_d32reg.pth, as used by VARestorer and "
-                "Infinity) from models/var/. The architecture is read from the weights."
+                "Infinity) from models/var/, for VAR restore / super-resolution / upscale and the pyramid nodes. "
+                "The architecture is read from the weights."
             ),
             inputs=[
                 io.Combo.Input(
@@ -85,7 +105,7 @@ class VARLoadVAE(io.ComfyNode):
         load_device = mm.vae_device()
         offload_device = mm.vae_offload_device()
         dtype = resolve_vae_dtype(weight_dtype, load_device)
-        path = folders.full_path(vae_name)
+        path = folders.full_path(vae_name, folders.OFFICIAL_VAE)
         loaded = var_core.load(
             path, expect=var_core.Family.INFINITY_BSQ_VAE, operations=comfy.ops.disable_weight_init
         )
@@ -101,7 +121,7 @@ class VAREncodePyramid(io.ComfyNode):
         return io.Schema(
             node_id="VAREncodePyramid",
             display_name="VAR Encode Pyramid",
-            category=CATEGORY,
+            category=categories.PYRAMID,
             description=(
                 "Encodes images into the BSQ VAE's multi-scale token pyramid (per-scale bits). The image is "
                 "fitted to the nearest Infinity scale schedule; its original size (and alpha, if any) is kept "
@@ -122,21 +142,8 @@ class VAREncodePyramid(io.ComfyNode):
         rgb, alpha = var_image.split_alpha(image)
         batch, height, width, _ = rgb.shape
         mm.load_models_gpu([vae.patcher], memory_required=memory_required(vae, height, width))
-        store = mm.intermediate_device()
-        pbar = comfy.utils.ProgressBar(batch)
-        parts = []
-        for i in range(batch):
-            mm.throw_exception_if_processing_interrupted()
-            part = var_pyramid.encode_image(vae.module, var_image.to_model(rgb[i : i + 1]),
-                                           device=vae.patcher.load_device)
-            parts.append(part.to(store))
-            pbar.update(1)
-        pyramid = dataclasses.replace(
-            parts[0],
-            bits=[torch.cat(scale, dim=0) for scale in zip(*(p.bits for p in parts))],
-            alpha=None if alpha is None else alpha.to(store),
-        )
-        return io.NodeOutput(pyramid)
+        return io.NodeOutput(encode_each(vae, rgb, alpha, device=vae.patcher.load_device,
+                                         pbar=comfy.utils.ProgressBar(batch)))
 
 
 class VARDecodePyramid(io.ComfyNode):
@@ -145,14 +152,15 @@ class VARDecodePyramid(io.ComfyNode):
         return io.Schema(
             node_id="VARDecodePyramid",
             display_name="VAR Decode Pyramid",
-            category=CATEGORY,
+            category=categories.PYRAMID,
             description=(
                 "Decodes a token pyramid back into images with the BSQ VAE, at the size the images had "
                 "before encoding; a kept alpha channel is passed through."
             ),
             inputs=[
                 VarVAE.Input("vae", tooltip="The BSQ VAE that encoded (or whose tokens made) the pyramid."),
-                VarPyramid.Input("pyramid", tooltip="Token pyramid from VAR Encode Pyramid or a VAR sampler."),
+                VarPyramid.Input("pyramid", tooltip="Token pyramid from VAR Encode Pyramid, VAR One-Step Restore or "
+                                                    "VAR Text to Image."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE", tooltip="Decoded images, RGB (RGBA with a kept alpha).")],
         )
@@ -176,4 +184,57 @@ class VARDecodePyramid(io.ComfyNode):
         return io.NodeOutput(var_image.merge_alpha(rgb, alpha))
 
 
-NODES = [VARLoadVAE, VAREncodePyramid, VARDecodePyramid]
+class VARPreviewPyramid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VARPreviewPyramid",
+            display_name="VAR Pyramid Preview (scale by scale)",
+            category=categories.PYRAMID,
+            description=(
+                "Shows next-scale prediction at work: decodes a token pyramid after each of its scales (the codes "
+                "of scales 1..k summed), from a blur of colour to the full image. Works on the encoding of a "
+                "low-quality image (VAR Encode Pyramid), a restoration (VAR One-Step Restore) or a generation "
+                "(VAR Text to Image). Outputs one frame per scale and a grid of all frames; connect Preview Image."
+            ),
+            inputs=[
+                VarVAE.Input("vae", tooltip="The BSQ VAE that encoded (or whose tokens made) the pyramid."),
+                VarPyramid.Input("pyramid", tooltip="Token pyramid from VAR Encode Pyramid, VAR One-Step Restore or "
+                                                    "VAR Text to Image."),
+                io.Int.Input(
+                    "columns", default=0, min=0, max=64,
+                    tooltip="Frames per row of the grid; 0 = auto (a near-square grid for one image, one row per "
+                            "image for a batch).",
+                ),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames",
+                                tooltip="One frame per scale at the pyramid's image size; for a batch, the frames of "
+                                        "image 1, then those of image 2, ..."),
+                io.Image.Output(display_name="grid", tooltip="All frames tiled in one image, left to right, top to "
+                                                             "bottom."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae: VARVAE, pyramid, columns: int = 0) -> io.NodeOutput:
+        height, width = pyramid.fitted_size
+        mm.load_models_gpu([vae.patcher], memory_required=memory_required(vae, height, width))
+        store = mm.intermediate_device()
+        batch, scales = pyramid.batch_size, len(pyramid.schedule)
+        total = batch * scales
+        pbar = comfy.utils.ProgressBar(total)
+        frames = []
+        for i in range(batch):
+            mm.throw_exception_if_processing_interrupted()
+            one = dataclasses.replace(pyramid, bits=[b[i : i + 1] for b in pyramid.bits], alpha=None)
+            x_1S3HW = var_pyramid.progressive_decode(
+                vae.module, one, device=vae.patcher.load_device,
+                progress=lambda done, _of, start=i * scales: pbar.update_absolute(start + done, total))
+            frames.append(var_image.from_model(x_1S3HW[0]).to(store))
+        frames_NHW3 = torch.cat(frames, dim=0)
+        grid = var_pyramid.frame_grid(frames_NHW3, int(columns) or var_pyramid.auto_columns(batch, scales))
+        return io.NodeOutput(frames_NHW3, grid)
+
+
+NODES = [VARLoadVAE, VAREncodePyramid, VARDecodePyramid, VARPreviewPyramid]

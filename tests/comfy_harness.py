@@ -34,7 +34,7 @@ COMFYUI_DIR = REPO / ".comfyui" / "ComfyUI"
 PACK_NAME = "comfyui-var-restore"
 PACK_NODES = ("VARLoadVAE", "VAREncodePyramid", "VARDecodePyramid", "VARLoadStudent", "VARLoadSwinIR",
               "VAROneStepRestore", "VARLoadT5", "VARTextEncode", "VARIterativeRestore", "VARTextToImage",
-              "VARLoadVQVAE", "VARLoadModel", "VARRestore", "VARClassToImage")
+              "VARLoadVQVAE", "VARLoadModel", "VARRestore", "VARClassToImage", "VARPreviewPyramid")
 
 
 class ComfyError(RuntimeError):
@@ -180,6 +180,10 @@ class ComfyServer:
 
     def get_bytes(self, path: str, timeout: float = 30) -> bytes:
         with self._request(path, timeout=timeout) as r:
+            return r.read()
+
+    def post_json(self, path: str, data: dict, timeout: float = 30) -> bytes:
+        with self._request(path, data, timeout=timeout) as r:
             return r.read()
 
     def queue(self, prompt: dict) -> str:

@@ -145,7 +145,7 @@ def test_new_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     for node_id in NEW_NODES:
         node = info[node_id]
         assert node["description"].strip(), node_id
-        assert node["category"].startswith("VAR/"), node_id
+        assert node["category"].startswith("image/restoration/VAR/"), node_id
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         for name, (_type, opts) in inputs.items():
             assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
@@ -154,7 +154,7 @@ def test_new_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     assert info["VARLoadT5"]["output"] == ["VAR_T5"]
     assert info["VARTextEncode"]["output"] == ["VAR_TEXT"]
     restore = info["VAROneStepRestore"]
-    assert restore["output"] == ["IMAGE"]
+    assert restore["output"] == ["IMAGE", "VAR_PYRAMID"]
     assert list(restore["input"]["required"]) == ["model", "vae", "seed", "sampling", "scale", "tile_size",
                                                   "tile_overlap", "color_fix"]
     assert sorted(restore["input"]["optional"]) == ["image", "pyramid", "swinir", "text"]

@@ -97,7 +97,7 @@ def test_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     info = comfy_server.object_info
     for node_id in NEW_NODES:
         node = info[node_id]
-        assert node["description"].strip() and node["category"] == "VAR/sampling", node_id
+        assert node["description"].strip() and node["category"].startswith("image/restoration/VAR/"), node_id
         inputs = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         for name, (_type, opts) in inputs.items():
             assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"

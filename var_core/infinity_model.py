@@ -21,6 +21,7 @@ store half weights with casting layers (``comfy.ops.manual_cast``) passed as ``o
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .detect import count_indexed
 from .errors import CheckpointError, ParameterError
 from .infinity_blocks import BlockChunk, CrossAttnBlock, HeadNorm, RMSNorm, TextAttentivePool, TextState
 from .rope import ROPE_GRID, ROPE_THETA, rope_table, template_grids
+
+log = logging.getLogger(__name__)
 
 # Keys of official checkpoints that hold no weights (recomputed buffers the official loader drops).
 _NON_WEIGHT_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
@@ -162,6 +165,8 @@ class Infinity(nn.Module):
     Runtime switches (attributes, not weights): ``cross_attention_bf16_rounding`` (official
     float32 numerics, see :mod:`.attention`) and ``lora_drops_ca_v_bias`` (the official LoRA path
     leaves ``ca.v_bias`` out where ``ca.mat_kv`` carries LoRA; no effect without LoRA).
+    ``forward_logits(..., compile=True)`` runs the block stack through ``torch.compile``, built on
+    first use and kept by this instance.
     """
 
     def __init__(self, *, config: InfinityConfig, operations=None):
@@ -173,6 +178,7 @@ class Infinity(nn.Module):
         self.lora_drops_ca_v_bias = True
         self.lora_state = "none"  # "adapters" / "merged", kept by var_core.lora
         self._rope_tables: dict = {}
+        self._compiled_blocks = None  # torch.compile(Infinity.run_blocks), made on first use
 
         self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, ct5))
         self.text_norm = RMSNorm(ct5, cfg.norm_eps)
@@ -279,6 +285,29 @@ class Infinity(nn.Module):
             x_BlC = x_BlC + self.lvl_embed(ids).float()
         return x_BlC
 
+    def run_blocks(self, x_BLC: torch.Tensor, cond: torch.Tensor, text: TextState, rope_2Lc: torch.Tensor,
+                   attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """The block stack, ``(B, L, C)`` -> ``(B, L, C)`` float32 (``cond`` as :class:`CrossAttnBlock` takes it)."""
+        for block in self.iter_blocks():
+            x_BLC = block(x_BLC, cond, text, rope_2Lc, attn_mask)
+        return x_BLC
+
+    def _run_blocks_compiled(self, *args) -> torch.Tensor:
+        """:meth:`run_blocks` through ``torch.compile``; if the compiler fails (no C compiler, an
+        unsupported operation), a warning is logged and this model runs eagerly from then on."""
+        from torch._dynamo.exc import TorchDynamoException  # compiler errors (inductor's included)
+
+        if self._compiled_blocks is None:
+            # The unbound function, so that a copy of the model never runs this one's blocks; the
+            # emulated casts keep the official bf16 rounding of the cross-attention (attention.py).
+            self._compiled_blocks = torch.compile(Infinity.run_blocks, options={"emulate_precision_casts": True})
+        try:
+            return self._compiled_blocks(self, *args)
+        except TorchDynamoException as e:
+            log.warning("torch.compile failed, running the transformer without it: %s", str(e).strip().splitlines()[0])
+            self._compiled_blocks = Infinity.run_blocks
+            return self.run_blocks(*args)
+
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Bit logits ``(B, L, V)``, ``V = 2d``: ``[..., 2k + b]`` is the logit of bit ``k`` being ``b``."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD.float())).float()
@@ -286,14 +315,15 @@ class Infinity(nn.Module):
     def forward_logits(self, x_BLd: torch.Tensor, text: TextCondition | TextState, schedule, *,
                        attn_mask: torch.Tensor | str | None = None, num_logits: int | None = None,
                        cond_drop: bool | Sequence[bool] = False, bf16_rounding: bool | None = None,
-                       drop_v_bias: bool | None = None) -> torch.Tensor:
+                       drop_v_bias: bool | None = None, compile: bool = False) -> torch.Tensor:
         """Logits ``(B, num_logits, V)`` for the sequence ``[sos] + x_BLd`` over ``schedule``.
 
         ``x_BLd`` ``(B, L-1, d)``: next-scale inputs of scales 1.. (teacher forcing), optionally
         followed by the full last-scale latent (VARestorer's long student input). ``attn_mask``:
         None (full attention, the one-step student), ``"block_causal"`` (teacher forcing), or a
         boolean mask broadcastable to ``(B, H, L, L)``. ``num_logits`` defaults to the schedule's
-        token count (the positions that predict a scale).
+        token count (the positions that predict a scale). ``compile`` runs the blocks through
+        ``torch.compile`` (see :meth:`_run_blocks_compiled`; results equal within float rounding).
         """
         if not isinstance(text, TextState):
             text = self.prepare_text(text, cond_drop=cond_drop, bf16_rounding=bf16_rounding, drop_v_bias=drop_v_bias)
@@ -306,8 +336,8 @@ class Infinity(nn.Module):
             attn_mask = block_causal_mask(scale_lens, x_BLC.device)
         rope_2Lc = self.rope(schedule, L, x_BLC.device)
         cond = text.gss if text.gss is not None else text.cond_BD
-        for block in self.iter_blocks():
-            x_BLC = block(x_BLC, cond, text, rope_2Lc, attn_mask)
+        run = self._run_blocks_compiled if compile else self.run_blocks
+        x_BLC = run(x_BLC, cond, text, rope_2Lc, attn_mask)
         n = min(L, sum(t * h * w for t, h, w in schedule)) if num_logits is None else num_logits
         return self.get_logits(x_BLC[:, :n], text.cond_BD)
 

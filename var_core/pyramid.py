@@ -3,17 +3,25 @@
 This is what VARestorer conditions its one-step student on (the LQ image's token pyramid) and
 what the iterative samplers produce. A :class:`Pyramid` is what the ComfyUI ``VAR_PYRAMID``
 type carries between nodes.
+
+:func:`progressive_decode` shows next-scale prediction at work (as the VAR and Infinity papers
+picture it): the image decoded from the codes of the first 1, 2, ... scales summed at the finest
+grid, from a blur of colour to the full image; :func:`frame_grid` lays such frames out in one image.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
+from .bsq_quant import INTERP_UP, bits_to_codes
 from .bsq_vae import BSQVAE
-from .errors import ImageInputError
+from .errors import ImageInputError, ParameterError
 from .schedules import VAE_STRIDE, fit_schedule, schedule_pixels, validate_schedule
 
 Schedule = list[tuple[int, int, int]]
@@ -90,3 +98,60 @@ def decode_pyramid(vae: BSQVAE, pyramid: Pyramid, *, restore_size: bool = True,
     if restore_size and tuple(x.shape[-2:]) != tuple(pyramid.image_size):
         x = F.interpolate(x.float(), size=pyramid.image_size, mode="bicubic", align_corners=False, antialias=True)
     return x.float().clamp(-1, 1)
+
+
+def progressive_decode(vae: BSQVAE, pyramid: Pyramid, *, restore_size: bool = True,
+                       device: torch.device | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Decode the image as it stands after each scale: ``(B, S, 3, H, W)`` in [-1, 1], S = scales.
+
+    Frame ``k`` (0-based) decodes the codes of scales ``0..k``, each upsampled (trilinear) to the
+    last scale's grid and summed, as the VAE decodes a whole pyramid; so the last frame is
+    :func:`decode_pyramid`'s image. With ``restore_size`` every frame is resized to the pyramid's
+    ``image_size`` as :func:`decode_pyramid` does, else it stays at ``fitted_size``.
+    ``progress(done, S)`` runs after each frame. The alpha channel is not part of the frames.
+    """
+    device = device or model_device(vae)
+    if pyramid.codebook_dim != vae.codebook_dim:
+        raise ImageInputError(
+            f"the pyramid has {pyramid.codebook_dim}-bit tokens but this VAE uses {vae.codebook_dim} bits; "
+            "preview it with the VAE that encoded it"
+        )
+    schedule = validate_schedule(pyramid.schedule)
+    if len(pyramid.bits) != len(schedule):
+        raise ImageInputError(f"got bits for {len(pyramid.bits)} scales but the schedule has {len(schedule)}")
+    full = tuple(schedule[-1])
+    codes_Bd1HW = 0
+    frames = []
+    for k, bits_Bhwd in enumerate(pyramid.bits):
+        # Summed in the order of bsq_quant.summed_codes: the last frame equals decode_pyramid's image.
+        codes_Bd1HW = codes_Bd1HW + F.interpolate(bits_to_codes(bits_Bhwd.to(device)), size=full, mode=INTERP_UP)
+        x_B3HW = vae.decode(codes_Bd1HW)
+        if restore_size and tuple(x_B3HW.shape[-2:]) != tuple(pyramid.image_size):
+            x_B3HW = F.interpolate(x_B3HW.float(), size=pyramid.image_size, mode="bicubic", align_corners=False,
+                                   antialias=True)
+        frames.append(x_B3HW.float().clamp(-1, 1))
+        if progress:
+            progress(k + 1, len(schedule))
+    return torch.stack(frames, dim=1)
+
+
+def auto_columns(images: int, scales: int) -> int:
+    """Grid columns for the frames of ``images`` pyramids of ``scales`` scales (image-major): one
+    row per image for a batch, a near-square grid for a single image."""
+    return scales if images > 1 else math.ceil(math.sqrt(scales))
+
+
+def frame_grid(frames_NHWC: torch.Tensor, columns: int) -> torch.Tensor:
+    """Tile ``N`` equally sized frames ``(N, H, W, C)`` row by row into one ``(1, rows*H, cols*W, C)``
+    image, ``columns`` wide (at most ``N``); cells past the last frame are black."""
+    n = frames_NHWC.shape[0]
+    if n == 0:
+        raise ImageInputError("a grid needs at least one frame")
+    if columns < 1:
+        raise ParameterError(f"a grid needs at least one column, got {columns}")
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    pad = frames_NHWC.new_zeros((rows * cols - n, *frames_NHWC.shape[1:]))
+    cells = torch.cat([frames_NHWC, pad], dim=0)
+    return rearrange(cells, "(r c) H W C -> 1 (r H) (c W) C", r=rows, c=cols)

@@ -7,6 +7,8 @@ model-sized tiles (:mod:`.tiling`); each tile is fitted to the nearest Infinity 
 optionally pre-cleaned by SwinIR, encoded into its token pyramid, restored in one forward pass
 (:func:`.student.restore`) and decoded. Image ``i`` of a batch draws its sampling noise from
 ``seed + i``, so a batch gives the same images as single runs, and a seed always gives the same result.
+Tiles of an image all have the same size and schedule, so the student restores several of them in
+one batch (``tile_batch``); each tile keeps its own noise, so batching does not change the result.
 
 :func:`iterative_restore_image` runs the same path (sizes, tiles, SwinIR, seeds, colour fix) with
 the iterative Infinity teacher in place of the student: each tile is restored by next-scale
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 SAMPLING_MODES = ("gumbel", "argmax")
 MAX_SCALE = 8.0
 MAX_SIDE = 16384  # output pixels per side; beyond this the blend buffers alone need >3 GB
+CUDA_TILE_BATCH = 4  # tiles per student batch on CUDA (tile_batch=0); out-of-memory halves it
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +59,8 @@ class RestoreOptions:
     tau: float = 0.5  # Gumbel temperature of the official GumbelArgmax
     seed: int = 0
     color_fix: str = "none"
+    tile_batch: int = 0  # tiles per one-step batch; 0: CUDA_TILE_BATCH on CUDA, 1 elsewhere (no gain on CPU)
+    compile: bool = False  # run the one-step transformer through torch.compile (falls back if it fails)
 
     def __post_init__(self):
         if not 0 < self.scale <= MAX_SCALE:
@@ -70,6 +75,12 @@ class RestoreOptions:
             raise ParameterError(f"tau must be positive, got {self.tau}")
         if self.color_fix not in COLOR_FIX_MODES:
             raise ParameterError(f"color_fix must be one of {COLOR_FIX_MODES}, got {self.color_fix!r}")
+        if self.tile_batch < 0:
+            raise ParameterError(f"tile_batch must be 0 (automatic) or a positive number of tiles, got {self.tile_batch}")
+
+    def tiles_per_batch(self, device: torch.device) -> int:
+        """``tile_batch``, with 0 resolved for ``device``."""
+        return self.tile_batch or (CUDA_TILE_BATCH if torch.device(device).type == "cuda" else 1)
 
 
 def output_size(h: int, w: int, scale: float) -> tuple[int, int]:
@@ -157,15 +168,18 @@ def restore_tiled(
     progress: Callable[[int, int], None] | None,
     check_interrupt: Callable[[], object] | None,
     device: torch.device,
+    tile_batch: int = 1,
 ) -> torch.Tensor:
     """The any-size path every restorer shares: resize ``lq`` by ``options.scale`` (bicubic,
     aspect kept), cut it into overlapping tiles of ``options.tile`` output pixels, restore each with
     ``restore_tile(tile, seeds, step)`` (a ``(B, 3, th, tw)`` tile at output resolution, one seed per
     image from :func:`tile_seeds`, ``step()`` after each progress step) which returns the restored
-    tile at the same size, blend (Gaussian weights; halving the tile after out-of-memory), colour fix.
+    tile at the same size, blend (Gaussian weights; after out-of-memory halving the tile batch, then
+    the tile), colour fix. With ``tile_batch`` > 1, ``restore_tile`` gets up to that many tiles at
+    once, ``(n * B, 3, th, tw)`` tile by tile, with their ``n * B`` seeds in the same order.
 
     ``steps_per_tile(th, tw)`` is the number of ``step()`` calls of one ``th x tw`` tile;
-    ``progress(done, total)`` counts them; ``check_interrupt()`` runs before each tile.
+    ``progress(done, total)`` counts them; ``check_interrupt()`` runs before each tile (batch).
     """
     _check_batch(lq_B3HW)
     b, _, h, w = lq_B3HW.shape
@@ -183,17 +197,19 @@ def restore_tiled(
         if progress:
             progress(state["done"], total())
 
-    def on_retry(tile: int) -> None:  # run_tiled_with_retry halved the tile and the overlap
-        state.update(tile=tile, overlap=state["overlap"] // 2, done=0)
+    def on_retry(tile: int, overlap: int, _tile_batch: int) -> None:  # the whole image starts again
+        state.update(tile=tile, overlap=overlap, done=0, index=0)
 
     def tile_fn(t_B3hw: torch.Tensor) -> torch.Tensor:
-        seeds = tile_seeds(options.seed, b, state["index"])
-        state["index"] += 1
+        n = t_B3hw.shape[0] // b
+        seeds = [s for k in range(n) for s in tile_seeds(options.seed, b, state["index"] + k)]
+        state["index"] += n
         return restore_tile(t_B3hw, seeds, step)
 
-    out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap,
+    out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap, tile_batch=tile_batch,
                                check_interrupt=check, on_retry=on_retry)
-    return color_fix(out, x_B3HW, options.color_fix).clamp(-1, 1)
+    out = color_fix(out, x_B3HW, options.color_fix)
+    return out.clamp(-1, 1) if out is x_B3HW else out.clamp_(-1, 1)  # in place: no second full-size buffer
 
 
 def _restore_tiled(
@@ -209,11 +225,13 @@ def _restore_tiled(
     progress: Callable[[int, int], None] | None,
     check_interrupt: Callable[[], object] | None,
     device: torch.device | None,
+    tile_batch: int = 1,
 ) -> torch.Tensor:
     """:func:`restore_tiled` for Infinity: each tile is fitted to its nearest scale schedule and
-    optionally cleaned by SwinIR. ``restore_tile(lq, schedule, text, seeds, step)`` restores one tile
-    ``(B, 3, 16h, 16w)`` sized to ``schedule`` with one seed per image and calls ``step()`` after
-    each progress step (:func:`steps_per_tile`)."""
+    optionally cleaned by SwinIR. ``restore_tile(lq, schedule, text, seeds, step)`` restores
+    ``(n * B, 3, 16h, 16w)`` (``n`` tiles of the ``B`` images, at most ``tile_batch``) sized to
+    ``schedule``, with one prompt and seed per row, and calls ``step()`` after each progress step
+    (:func:`steps_per_tile` per tile)."""
     _check_batch(lq_B3HW)
     device = device or model_device(model)
     b = lq_B3HW.shape[0]
@@ -225,11 +243,13 @@ def _restore_tiled(
         lq = _resize(t_B3hw, schedule_pixels(schedule))
         if swinir is not None:
             lq = swinir_lib.clean(swinir, lq)
-        return _resize(restore_tile(lq, schedule, text, seeds, step), (th, tw))
+        n = t_B3hw.shape[0] // b
+        text_n = text if n == 1 else TextCondition(text.kv_compact.repeat(n, 1), text.lens * n)
+        return _resize(restore_tile(lq, schedule, text_n, seeds, step), (th, tw))
 
     return restore_tiled(lq_B3HW, infinity_tile, options=options,
                          steps_per_tile=lambda th, tw: steps_per_tile(th, tw, b, iterative=iterative),
-                         progress=progress, check_interrupt=check_interrupt, device=device)
+                         progress=progress, check_interrupt=check_interrupt, device=device, tile_batch=tile_batch)
 
 
 def restore_image(
@@ -243,6 +263,7 @@ def restore_image(
     progress: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], object] | None = None,
     device: torch.device | None = None,
+    on_bits: Callable[[list[torch.Tensor], list], None] | None = None,
 ) -> torch.Tensor:
     """Restore ``lq`` ``(B, 3, h, w)`` in [-1, 1] to ``(B, 3, H, W)`` in [-1, 1] (``H = h * scale``)
     with the one-step student.
@@ -250,18 +271,28 @@ def restore_image(
     ``text=None`` uses the model's unconditional text embedding (an empty prompt). ``device`` is
     where to compute (default: where the model's first parameter is). ``progress(done, total)``
     runs after each tile, ``check_interrupt()`` before each (it raises, or returns true to stop
-    with :class:`~.sampler.SamplingInterrupted`).
+    with :class:`~.sampler.SamplingInterrupted`). ``on_bits(bits, schedule)`` receives the predicted
+    bits of each tile (``(B, h, w, d)`` per scale) and its scale schedule. Up to
+    ``options.tiles_per_batch(device)`` tiles are restored in one batch (same result as one by one).
     """
+    _check_batch(lq_B3HW)
     gumbel = options.sampling == "gumbel"
+    b = lq_B3HW.shape[0]
+    device = device or model_device(model)
 
     def one_step(lq_B3hw, schedule, text, seeds, step):
         gens = [torch.Generator(lq_B3hw.device).manual_seed(s) for s in seeds] if gumbel else None
-        res = student.restore(model, vae, lq_B3hw, text, schedule, tau=options.tau, generator=gens, sample=gumbel)
-        step()
+        res = student.restore(model, vae, lq_B3hw, text, schedule, tau=options.tau, generator=gens, sample=gumbel,
+                              compile=options.compile)
+        for k in range(lq_B3hw.shape[0] // b):  # one progress step (and on_bits call) per tile
+            if on_bits:
+                on_bits([bits[k * b : (k + 1) * b] for bits in res.bits], schedule)
+            step()
         return res.image
 
     return _restore_tiled(model, vae, lq_B3HW, one_step, text=text, swinir=swinir, options=options, iterative=False,
-                          progress=progress, check_interrupt=check_interrupt, device=device)
+                          progress=progress, check_interrupt=check_interrupt, device=device,
+                          tile_batch=options.tiles_per_batch(device))
 
 
 def iterative_restore_image(
@@ -282,8 +313,8 @@ def iterative_restore_image(
     each tile with the iterative Infinity teacher (:func:`.sampler.iterative_restore`: next-scale
     sampling with the LQ pyramid as the input of the first ``lq_scales`` scales).
 
-    ``options``: ``scale``, ``tile``, ``overlap``, ``color_fix`` and ``seed`` (``sampling`` and
-    ``tau`` are the student's and not used). ``sampler_options``: guidance, temperature, top-k/p,
+    ``options``: ``scale``, ``tile``, ``overlap``, ``color_fix`` and ``seed`` (``sampling``, ``tau``,
+    ``tile_batch`` and ``compile`` are the student's and not used). ``sampler_options``: guidance, temperature, top-k/p,
     next-scale mode; its ``seed`` is not used: image ``i`` of tile ``k`` draws from a generator
     seeded with ``options.seed + i`` and ``k`` (as the one-step path), and each image is sampled
     alone, so a batch gives the same images as single runs. ``progress(done, total)`` counts
@@ -306,11 +337,13 @@ def iterative_restore_image(
 
 
 def restore_pyramid(model: Infinity, vae: BSQVAE, pyramid: Pyramid, *, text: TextCondition | None = None,
-                    options: RestoreOptions = RestoreOptions(), device: torch.device | None = None) -> torch.Tensor:
+                    options: RestoreOptions = RestoreOptions(), device: torch.device | None = None,
+                    on_bits: Callable[[list[torch.Tensor], list], None] | None = None) -> torch.Tensor:
     """Restore an already-encoded LQ :class:`~.pyramid.Pyramid` in one pass (no tiling, no SwinIR).
 
     The student works on the pyramid's own scale schedule; the result is resized to the pyramid's
-    ``image_size`` times ``options.scale``. Returns ``(B, 3, H, W)`` in [-1, 1].
+    ``image_size`` times ``options.scale``. Returns ``(B, 3, H, W)`` in [-1, 1]. ``on_bits(bits,
+    schedule)`` receives the predicted bits (``(B, h, w, d)`` per scale) and the schedule.
     """
     device = device or model_device(model)
     b = pyramid.batch_size
@@ -320,7 +353,10 @@ def restore_pyramid(model: Infinity, vae: BSQVAE, pyramid: Pyramid, *, text: Tex
     if options.sampling == "gumbel":
         gens = [torch.Generator(device).manual_seed(s) for s in tile_seeds(options.seed, b, 0)]
     res = student.restore_bits(model, vae, pyramid.bits, text, pyramid.schedule, tau=options.tau,
-                               generator=gens, sample=options.sampling == "gumbel", device=device)
+                               generator=gens, sample=options.sampling == "gumbel", device=device,
+                               compile=options.compile)
+    if on_bits:
+        on_bits(res.bits, pyramid.schedule)
     out = _resize(res.image, (H, W))
     if options.color_fix != "none":
         lq = _resize(decode_pyramid(vae, pyramid, device=device), (H, W))

@@ -73,6 +73,16 @@ def gumbel_bits(logits_BLV: torch.Tensor, tau: float, *, generator: torch.Genera
     return bits.reshape(B, L, V // 2).to(torch.uint8)
 
 
+def check_vae(model: Infinity, vae: BSQVAE) -> None:
+    """Refuse a VAE whose tokens have another bit width than the transformer reads."""
+    if vae.codebook_dim != model.config.codebook_dim:
+        raise ParameterError(
+            f"the VAE has {vae.codebook_dim}-bit tokens but the transformer reads {model.config.codebook_dim}-bit "
+            "tokens; use the VAE that belongs to the model (infinity_vae_d32reg.pth for varestorer.pth and "
+            "infinity_2b_reg.pth)"
+        )
+
+
 @dataclass
 class StudentResult:
     """``logits`` ``(B, sum(h*w), 2d)``; ``bits[i]`` ``(B, h_i, w_i, d)``; ``codes`` ``(B, d, 1, H, W)``;
@@ -94,17 +104,19 @@ def restore(model: Infinity, vae: BSQVAE, lq_B3HW: torch.Tensor, text: TextCondi
 def restore_bits(model: Infinity, vae: BSQVAE, lq_bits: list[torch.Tensor], text: TextCondition, schedule, *,
                  tau: float = 0.5, generator: torch.Generator | list[torch.Generator] | None = None,
                  sample: bool = True, cond_drop: bool = False, decode: bool = True,
-                 device: torch.device | None = None) -> StudentResult:
+                 device: torch.device | None = None, compile: bool = False) -> StudentResult:
     """One-step restoration from the LQ token pyramid ``lq_bits`` (``(B, h, w, d)`` per scale), computed
     on ``device`` (default: the device of the model's first parameter).
 
     ``sample=False`` takes the noise-free argmax bits instead of the Gumbel draw. ``generator``
     may be a list with one generator per image, so that an image's noise does not depend on
-    the batch it is in.
+    the batch it is in. ``compile`` runs the transformer through ``torch.compile``
+    (:meth:`.Infinity.forward_logits`).
     """
+    check_vae(model, vae)
     device = device or next(model.parameters()).device
     x_BLd = student_inputs([b.to(device) for b in lq_bits], schedule)
-    logits = model.forward_logits(x_BLd, text, schedule, cond_drop=cond_drop)
+    logits = model.forward_logits(x_BLd, text, schedule, cond_drop=cond_drop, compile=compile)
     bits = []
     for (_, h, w), logits_s in zip(schedule, split_scales(logits, schedule)):
         if not sample:

@@ -4,6 +4,8 @@ The VAR restorers work on model-sized tiles (VARestorer: 512 x 512 pixels). Tile
 are blended with Gaussian weights (peak in the tile centre, sigma = 0.1 tile), so no seam shows.
 Tile positions are spread evenly, so every tile has the full size and every overlap is at least
 the requested one. An image that fits in one tile is processed whole (bit-identical to no tiling).
+Several tiles can go through the model as one batch (``tile_batch``); an out-of-memory error
+first halves that batch, then the tile.
 """
 
 from __future__ import annotations
@@ -52,17 +54,23 @@ def run_tiled(
     *,
     tile: int,
     overlap: int,
+    tile_batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Apply ``fn`` (same-size image -> image) tile by tile and blend the results.
 
-    ``progress(done, total)`` is called after each tile; ``check_interrupt()`` before each tile
-    (it raises to stop, e.g. ComfyUI's interrupt). The result has ``x``'s shape and device.
+    ``tile_batch`` tiles go to ``fn`` in one call, stacked along the batch dimension tile by tile:
+    ``(n * B, C, th, tw)``, rows ``k*B .. k*B+B-1`` are tile ``k`` of the group (every tile has the
+    same size). ``progress(done, total)`` is called after each call of ``fn`` with the tiles done;
+    ``check_interrupt()`` before each call (it raises to stop, e.g. ComfyUI's interrupt). The result
+    has ``x``'s shape and device.
     """
+    if tile_batch < 1:
+        raise ParameterError(f"tile batch must be at least 1, got {tile_batch}")
     b, _, h, w = x_BCHW.shape
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    total = len(ys) * len(xs)
+    corners = [(y, x) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
+    total = len(corners)
     if total == 1:
         if check_interrupt:
             check_interrupt()
@@ -74,34 +82,41 @@ def run_tiled(
     weight = blend_weights(th, tw, device=x_BCHW.device)
     acc = None
     norm = torch.zeros(1, 1, h, w, device=x_BCHW.device)
-    done = 0
-    for y in ys:
-        for x in xs:
-            if check_interrupt:
-                check_interrupt()
-            out = fn(x_BCHW[:, :, y : y + th, x : x + tw]).to(x_BCHW.device, torch.float32)
-            if acc is None:
-                acc = torch.zeros(b, out.shape[1], h, w, device=x_BCHW.device)
-            acc[:, :, y : y + th, x : x + tw] += out * weight
+    for start in range(0, total, tile_batch):
+        group = corners[start : start + tile_batch]
+        if check_interrupt:
+            check_interrupt()
+        out = fn(torch.cat([x_BCHW[:, :, y : y + th, x : x + tw] for y, x in group]))
+        out = out.to(x_BCHW.device, torch.float32)
+        if acc is None:
+            acc = torch.zeros(b, out.shape[1], h, w, device=x_BCHW.device)
+        for k, (y, x) in enumerate(group):
+            acc[:, :, y : y + th, x : x + tw] += out[k * b : (k + 1) * b] * weight
             norm[:, :, y : y + th, x : x + tw] += weight
-            done += 1
-            if progress:
-                progress(done, total)
-    return acc / norm
+        if progress:
+            progress(start + len(group), total)
+    return acc.div_(norm)
 
 
-def run_tiled_with_retry(fn: TileFn, x_BCHW: torch.Tensor, *, tile: int, overlap: int, min_tile: int = 128,
-                         on_retry: Callable[[int], None] | None = None, **kwargs) -> torch.Tensor:
-    """:func:`run_tiled`, halving the tile (and overlap) after each out-of-memory error."""
+def run_tiled_with_retry(fn: TileFn, x_BCHW: torch.Tensor, *, tile: int, overlap: int, tile_batch: int = 1,
+                         min_tile: int = 128, on_retry: Callable[[int, int, int], None] | None = None,
+                         **kwargs) -> torch.Tensor:
+    """:func:`run_tiled`, retrying the whole image after an out-of-memory error: first with half the
+    tiles per batch, then (one tile per batch) with half the tile and overlap. ``on_retry(tile,
+    overlap, tile_batch)`` is told the new settings before each retry."""
     while True:
         try:
-            return run_tiled(fn, x_BCHW, tile=tile, overlap=overlap, **kwargs)
+            return run_tiled(fn, x_BCHW, tile=tile, overlap=overlap, tile_batch=tile_batch, **kwargs)
         except torch.OutOfMemoryError:
-            if tile // 2 < min_tile:
+            if tile_batch > 1:
+                tile_batch //= 2
+                log.warning("out of memory; retrying with %d tiles per batch", tile_batch)
+            elif tile // 2 >= min_tile:
+                tile, overlap = tile // 2, overlap // 2
+                log.warning("out of memory; retrying with %d px tiles", tile)
+            else:
                 raise
-            tile, overlap = tile // 2, overlap // 2
-            log.warning("out of memory; retrying with %d px tiles", tile)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if on_retry:
-                on_retry(tile)
+                on_retry(tile, overlap, tile_batch)
