@@ -35,7 +35,11 @@ def split_alpha(image_BHWC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
             f"the image has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA). "
             "Is a mask or a latent connected instead of an image?"
         )
-    if not image_BHWC.is_floating_point():
+    if image_BHWC.is_complex():
+        raise ImageInputError(f"the image tensor is complex ({image_BHWC.dtype}); an IMAGE holds real values in [0, 1]")
+    if image_BHWC.dtype == torch.bool:  # a mask-like image: True is white
+        image_BHWC = image_BHWC.float()
+    elif not image_BHWC.is_floating_point():
         # Integer images: 8-bit, else 16-bit full range.
         image_BHWC = image_BHWC.float() / (255 if image_BHWC.dtype == torch.uint8 else 65535)
     image_BHWC = image_BHWC.float()
@@ -49,13 +53,31 @@ def split_alpha(image_BHWC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | 
     return rgb.contiguous(), alpha
 
 
+def image_size(image_BHWC: torch.Tensor) -> tuple[int, int]:
+    """``(height, width)`` of an IMAGE (``(B, H, W, C)`` or ``(H, W, C)``), read from its shape only:
+    a caller can refuse a size before :func:`split_alpha` copies the pixels."""
+    if not isinstance(image_BHWC, torch.Tensor):
+        raise ImageInputError(f"expected an image tensor, got {type(image_BHWC).__name__}")
+    if image_BHWC.ndim not in (3, 4):
+        raise ImageInputError(f"an IMAGE is (batch, height, width, channels); got shape {tuple(image_BHWC.shape)}")
+    return int(image_BHWC.shape[-3]), int(image_BHWC.shape[-2])
+
+
+def _check_ndim(x: torch.Tensor, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ImageInputError(f"expected a ({layout}) image batch, got {shape}")
+
+
 def to_model(rgb_BHW3: torch.Tensor) -> torch.Tensor:
     """``(B, H, W, 3)`` in [0, 1] -> ``(B, 3, H, W)`` in [-1, 1]."""
+    _check_ndim(rgb_BHW3, "batch, height, width, channels")
     return rearrange(rgb_BHW3, "B H W C -> B C H W") * 2 - 1
 
 
 def from_model(x_B3HW: torch.Tensor) -> torch.Tensor:
     """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` float32 in [0, 1]."""
+    _check_ndim(x_B3HW, "batch, channels, height, width")
     return rearrange((x_B3HW.float().clamp(-1, 1) + 1) / 2, "B C H W -> B H W C").contiguous()
 
 
@@ -63,6 +85,11 @@ def merge_alpha(rgb_BHW3: torch.Tensor, alpha_BHW1: torch.Tensor | None) -> torc
     """Append ``alpha`` (resized bilinearly to the RGB size when needed) as a fourth channel."""
     if alpha_BHW1 is None:
         return rgb_BHW3
+    _check_ndim(rgb_BHW3, "batch, height, width, channels")
+    _check_ndim(alpha_BHW1, "batch, height, width, 1")
+    if alpha_BHW1.shape[0] != rgb_BHW3.shape[0]:
+        raise ImageInputError(f"{alpha_BHW1.shape[0]} alpha channels for {rgb_BHW3.shape[0]} images; "
+                              "give one alpha per image")
     h, w = rgb_BHW3.shape[1:3]
     if alpha_BHW1.shape[1:3] != (h, w):
         a = F.interpolate(rearrange(alpha_BHW1, "B H W C -> B C H W").float(), size=(h, w), mode="bilinear",

@@ -44,7 +44,8 @@ def load_strict(model: nn.Module, sd: StateDict, *, what: str) -> None:
             parts.append(
                 f"unexpected keys {result.unexpected_keys[:10]}" + (" ..." if len(result.unexpected_keys) > 10 else "")
             )
-        raise CheckpointError(f"{what}: weights do not match the architecture read from them: " + "; ".join(parts))
+        raise CheckpointError(f"{what}: weights do not match the architecture read from them: " + "; ".join(parts)
+                              + ". The file is damaged or was changed after training; download the official file again")
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(f"{what}: tensors not initialised by the checkpoint: {left[:10]}")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER = "default"
 _DOWN, _UP, _LINEAR = ".lora_down.weight", ".lora_up.weight", ".linear."
+_FIX = "the file is damaged or its adapters were not made for this model; download the official varestorer.pth again"
 
 
 def split_state_dict(sd: StateDict) -> tuple[StateDict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -39,11 +40,12 @@ def split_state_dict(sd: StateDict) -> tuple[StateDict, dict[str, tuple[torch.Te
     base, adapters = {}, {}
     for name in sorted(targets):
         if name + _UP not in sd:
-            raise CheckpointError(f"LoRA adapter {name} has lora_down but no lora_up weights")
+            raise CheckpointError(f"LoRA adapter {name} has lora_down but no lora_up weights; {_FIX}")
         down, up = sd[name + _DOWN], sd[name + _UP]
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise CheckpointError(
-                f"LoRA adapter {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not chain")
+                f"LoRA adapter {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not chain "
+                f"(a rank-r adapter is lora_down (r, in) and lora_up (out, r)); {_FIX}")
         adapters[name] = (down, up)
     for key, value in sd.items():
         if key.endswith((_DOWN, _UP)):
@@ -84,11 +86,11 @@ def apply_lora(model: nn.Module, adapters: dict[str, tuple[torch.Tensor, torch.T
         layer = layers.get(name)
         if layer is None:
             raise CheckpointError(
-                f"the checkpoint has a LoRA adapter for {name}, which is not a linear layer of the model")
+                f"the checkpoint has a LoRA adapter for {name}, which is not a linear layer of the model; {_FIX}")
         a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
         if a.shape != down.shape or b.shape != up.shape:
             raise CheckpointError(f"LoRA adapter {name}: shapes {tuple(down.shape)}/{tuple(up.shape)} do not fit "
-                                  f"the layer ({tuple(a.shape)}/{tuple(b.shape)})")
+                                  f"the layer ({tuple(a.shape)}/{tuple(b.shape)}); {_FIX}")
         a.copy_(down)
         b.copy_(up)
     _mark_kv(model, adapters, True)

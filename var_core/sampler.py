@@ -84,7 +84,10 @@ class SamplerOptions:
         if any(not t > 0 for t in tau):
             raise ParameterError(f"tau (temperature) must be > 0, got {self.tau}")
         layers = (self.cfg_insertion_layer,) if isinstance(self.cfg_insertion_layer, int) else self.cfg_insertion_layer
-        layers = tuple(int(x) for x in layers)
+        try:
+            layers = tuple(int(x) for x in layers)
+        except (TypeError, ValueError, OverflowError):
+            layers = ()
         if not layers or any(x > 0 for x in layers):
             raise ParameterError(f"cfg_insertion_layer must be 0 (on the logits) or negative (a block output), "
                                  f"got {self.cfg_insertion_layer}; the official 1 ('on probs') is never applied")
@@ -333,6 +336,7 @@ def iterative_restore(model: Infinity, vae: BSQVAE, lq: torch.Tensor | Sequence[
     """
     if lq_scales < 0:
         raise ParameterError(f"lq_scales must be >= 0, got {lq_scales}")
+    student.check_vae(model, vae)
     schedule = [tuple(int(v) for v in s) for s in schedule]
     lq_bits = vae.encode(lq, schedule).bits if isinstance(lq, torch.Tensor) else list(lq)
     if len(lq_bits) != len(schedule):
@@ -361,6 +365,8 @@ def generate(model: Infinity, vae: BSQVAE | None, text: TextCondition | None, sc
     """
     if batch < 1:
         raise ParameterError(f"batch must be at least 1, got {batch}")
+    if vae is not None:
+        student.check_vae(model, vae)
     device = device or model.pos_start.device
 
     def rows(cond: TextCondition | None, what: str) -> list[TextCondition | None]:

@@ -44,6 +44,7 @@ class T5TextEncoder:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> "T5TextEncoder":
         """Load tokenizer and encoder from a local ``flan-t5-xl``-style folder (on the CPU)."""
+        from safetensors import SafetensorError
         from transformers import AutoTokenizer, T5EncoderModel
 
         folder = os.fspath(folder)
@@ -59,15 +60,20 @@ class T5TextEncoder:
                                   "flan-t5-xl folder")
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, legacy=True)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a missing or damaged file
             raise CheckpointError(
-                f"{folder}: cannot load the T5 tokenizer ({e}). The folder needs spiece.model or tokenizer.json."
+                f"{folder}: cannot load the T5 tokenizer ({e}). The folder needs spiece.model or tokenizer.json: copy "
+                "the whole flan-t5-xl folder again."
             ) from None
         try:
             encoder = T5EncoderModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype,
                                                      use_safetensors=None)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{folder}: cannot load the T5 encoder weights ({e})") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated, not matching config.json
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{folder}: cannot load the T5 encoder weights ({first}); the folder is incomplete or damaged: "
+                "copy the whole flan-t5-xl folder (config.json, tokenizer files, weights) again"
+            ) from None
         return cls(tokenizer=tokenizer, encoder=encoder)
 
     @property
@@ -76,6 +82,8 @@ class T5TextEncoder:
 
     @torch.no_grad()
     def _encode_one(self, prompt: str, device) -> torch.Tensor:
+        # A lone surrogate (possible in a prompt sent as JSON) is not text the tokenizer takes: U+FFFD.
+        prompt = prompt.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         tokens = self.tokenizer([prompt], max_length=self.max_length, padding="max_length", truncation=True,
                                 return_tensors="pt")
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
