@@ -76,7 +76,8 @@ class RestoreOptions:
         if self.color_fix not in COLOR_FIX_MODES:
             raise ParameterError(f"color_fix must be one of {COLOR_FIX_MODES}, got {self.color_fix!r}")
         if self.tile_batch < 0:
-            raise ParameterError(f"tile_batch must be 0 (automatic) or a positive number of tiles, got {self.tile_batch}")
+            raise ParameterError(f"tile_batch must be 0 (automatic) or a positive number of tiles, "
+                                 f"got {self.tile_batch}")
 
     def tiles_per_batch(self, device: torch.device) -> int:
         """``tile_batch``, with 0 resolved for ``device``."""
