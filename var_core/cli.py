@@ -1,4 +1,4 @@
-"""Command line: ``python -m var_core {restore,sample,info,roundtrip} ...``.
+"""Command line: ``python -m var_core {restore,sample,info,roundtrip,train} ...``.
 
 * ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default);
   ``--iterative`` restores with the iterative Infinity teacher instead (next-scale sampling).
@@ -9,6 +9,7 @@
 * ``info FILE...``: detect each checkpoint's family and print the architecture read from it.
 * ``roundtrip IMAGE... --vae FILE -o DIR``: encode images into pyramid tokens with an Infinity BSQ
   VAE and decode them again (shows what the token pyramid preserves).
+* ``train {vae,teacher,distill,export,preview} ...``: training (:mod:`.training.cli`).
 """
 
 from __future__ import annotations
@@ -483,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.set_defaults(func=cmd_roundtrip)
+    from .training.cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
