@@ -15,6 +15,7 @@ start that lost the pack is reported as an error with the log's tail.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -223,3 +225,68 @@ def execution_error(entry: dict) -> dict | None:
         if event == "execution_error":
             return data
     return None
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory (``VmRSS``) of a process in bytes; ``"self"`` is this one."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class WebSocketEvents:
+    """The server's websocket messages to the harness's client id, collected in a thread: JSON
+    messages with their arrival times (``messages``) and binary frames such as previews (``binary``)."""
+
+    def __init__(self, server: ComfyServer):
+        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}"
+        self.messages: list[tuple[float, dict]] = []
+        self.binary: list[bytes] = []
+        self.arrived = threading.Condition()
+        self.ready, self.stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
+
+    async def _listen(self) -> None:
+        import aiohttp  # ComfyUI's own dependency
+
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self.ready.set()
+            while not self.stop.is_set():
+                try:
+                    msg = await ws.receive(timeout=0.1)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    with self.arrived:
+                        self.messages.append((time.monotonic(), json.loads(msg.data)))
+                        self.arrived.notify_all()
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    self.binary.append(msg.data)
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+    def wait_for(self, kind: str, prompt_id: str, timeout: float) -> float:
+        """Arrival time of the first ``kind`` message of ``prompt_id``."""
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while True:
+                for t, m in self.messages:
+                    if m.get("type") == kind and m.get("data", {}).get("prompt_id") == prompt_id:
+                        return t
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {kind} message for {prompt_id}: {[m.get('type') for _, m in self.messages]}"
+                self.arrived.wait(left)
+
+    def progress(self, prompt_id: str) -> list[float]:
+        """Arrival times of the ``progress`` messages of ``prompt_id``."""
+        return [t for t, m in self.messages if m.get("type") == "progress" and m["data"].get("prompt_id") == prompt_id]
+
+    def __enter__(self) -> "WebSocketEvents":
+        self.thread.start()
+        assert self.ready.wait(10), "no websocket connection"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)

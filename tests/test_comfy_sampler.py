@@ -8,18 +8,15 @@ pyramid that decodes to them; ``/interrupt`` stops a long iterative run and the 
 
 from __future__ import annotations
 
-import asyncio
 import io
 import struct
-import threading
 import time
 
-import aiohttp
 
 import numpy as np
 import pytest
 import torch
-from comfy_harness import execution_error
+from comfy_harness import WebSocketEvents, execution_error
 from conftest import FIXTURE_STUDENT, FIXTURE_VAE, FIXTURES
 from PIL import Image
 from test_comfy_restore import assert_close, install_t5, make_tiny_t5, read_rgb, run_ok, saved, to_uint8
@@ -157,40 +154,8 @@ def test_text_to_image_size_seeds_and_pyramid(comfy_server, teacher, t5_name):
     assert "VAR text to image: 2 image(s) of 336x224, 7 scales" in comfy_server.log_text()
 
 
-class Listener:
-    """The server's websocket messages to the harness's client id, collected in a thread."""
-
-    def __init__(self, server):
-        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}"
-        self.binary: list[bytes] = []
-        self.ready, self.stop = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
-
-    async def _listen(self) -> None:
-        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
-            self.ready.set()
-            while not self.stop.is_set():
-                try:
-                    msg = await ws.receive(timeout=0.2)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == aiohttp.WSMsgType.BINARY:
-                    self.binary.append(msg.data)
-                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-
-    def __enter__(self) -> "Listener":
-        self.thread.start()
-        assert self.ready.wait(10), "no websocket connection"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
-
-
 def test_text_to_image_sends_a_preview_per_scale(comfy_server, t5_name):
-    with Listener(comfy_server) as listener:
+    with WebSocketEvents(comfy_server) as listener:
         run_ok(comfy_server, t2i_graph(t5_name, "t2i_preview", seed=11))
         time.sleep(0.3)  # the last messages are sent from the server's loop
     previews = []

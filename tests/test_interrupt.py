@@ -9,19 +9,15 @@ no filled KV cache and no tile buffer alive.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
-import threading
 import time
 import weakref
-from pathlib import Path
 
-import aiohttp
 import numpy as np
 import pytest
 import torch
-from comfy_harness import execution_error
+from comfy_harness import WebSocketEvents, execution_error, rss_bytes
 from conftest import FIXTURE_STUDENT, FIXTURE_VAE, FIXTURES
 from PIL import Image
 
@@ -33,64 +29,6 @@ from var_core.restore import RestoreOptions
 from var_core.sampler import SamplerOptions, SamplingInterrupted
 
 SQ64 = FIXTURES / "A_bsq_vae" / "sq64_input.png"
-
-
-def server_rss(server) -> int:
-    """Resident memory of the server process in bytes (``VmRSS``)."""
-    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-class Events:
-    """The server's JSON websocket messages to the harness's client id, with their arrival times."""
-
-    def __init__(self, server):
-        self.url = f"ws://127.0.0.1:{server.port}/ws?clientId={server.client_id}"
-        self.messages: list[tuple[float, dict]] = []
-        self.arrived = threading.Condition()
-        self.ready, self.stop = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._listen()), daemon=True)
-
-    async def _listen(self) -> None:
-        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
-            self.ready.set()
-            while not self.stop.is_set():
-                try:
-                    msg = await ws.receive(timeout=0.1)
-                except asyncio.TimeoutError:
-                    continue
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    with self.arrived:
-                        self.messages.append((time.monotonic(), json.loads(msg.data)))
-                        self.arrived.notify_all()
-                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-
-    def wait_for(self, kind: str, prompt_id: str, timeout: float) -> float:
-        """Arrival time of the first ``kind`` message of ``prompt_id``."""
-        deadline = time.monotonic() + timeout
-        with self.arrived:
-            while True:
-                for t, m in self.messages:
-                    if m.get("type") == kind and m.get("data", {}).get("prompt_id") == prompt_id:
-                        return t
-                left = deadline - time.monotonic()
-                assert left > 0, f"no {kind} message for {prompt_id}: {[m.get('type') for _, m in self.messages]}"
-                self.arrived.wait(left)
-
-    def progress(self, prompt_id: str) -> list[float]:
-        return [t for t, m in self.messages if m.get("type") == "progress" and m["data"].get("prompt_id") == prompt_id]
-
-    def __enter__(self) -> "Events":
-        self.thread.start()
-        assert self.ready.wait(10), "no websocket connection"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(10)
 
 
 def loaders() -> dict:
@@ -131,14 +69,14 @@ def run_ok(server, graph: dict) -> str:
     return prompt_id
 
 
-def step_seconds(server, events: Events, graph: dict) -> float:
+def step_seconds(server, events: WebSocketEvents, graph: dict) -> float:
     """The longest time between two progress messages (tiles / scales) of an uninterrupted run."""
     steps = events.progress(run_ok(server, graph))
     assert len(steps) >= 3, steps
     return max(b - a for a, b in zip(steps, steps[1:]))
 
 
-def interrupt_after_first_progress(server, events: Events, graph: dict) -> dict:
+def interrupt_after_first_progress(server, events: WebSocketEvents, graph: dict) -> dict:
     """Queue ``graph``, POST /interrupt on its first progress message; the figures of the stop."""
     prompt_id = server.queue(graph)
     first = events.wait_for("progress", prompt_id, timeout=120)
@@ -163,12 +101,12 @@ def test_interrupt_stops_within_one_tile_or_scale_and_the_next_prompt_runs(comfy
     Image.fromarray(noise[:, :256]).save(tmp_path / "interrupt_tile.png")
     one_tile = comfy_server.add_input(tmp_path / "interrupt_tile.png")
     figures, rss = {}, []
-    with Events(comfy_server) as events:
+    with WebSocketEvents(comfy_server) as events:
         # Uninterrupted: the models get loaded (RSS compares like with like) and the step times measured.
         # The same tile sizes as the interrupted runs: 4 one-step tiles of 64 px, one 256 px tile of 7 scales.
         step = {"tiled_one_step": step_seconds(comfy_server, events, one_step_graph(small, 64, 0)),
                 "iterative": step_seconds(comfy_server, events, iterative_graph(one_tile, 256, 0))}
-        rss.append(server_rss(comfy_server))
+        rss.append(rss_bytes(comfy_server.proc.pid))
         for round_ in range(2):
             # 256 x 512 at scale 1: 32 one-step tiles of 64 px; 2 iterative tiles of 7 scales.
             figures[f"tiled_one_step_{round_}"] = interrupt_after_first_progress(
@@ -176,7 +114,7 @@ def test_interrupt_stops_within_one_tile_or_scale_and_the_next_prompt_runs(comfy
             figures[f"iterative_{round_}"] = interrupt_after_first_progress(
                 comfy_server, events, iterative_graph(big, 256, round_ + 1))
             run_ok(comfy_server, one_step_graph(small, 512, round_ + 1))  # the next prompt succeeds
-            rss.append(server_rss(comfy_server))
+            rss.append(rss_bytes(comfy_server.proc.pid))
     report = {"longest_step_s": {k: round(v, 3) for k, v in step.items()}, "interrupts": figures,
               "server_rss_mb": [round(r / 2**20, 1) for r in rss]}
     print("interrupt figures:", json.dumps(report, indent=1))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfy_harness import rss_bytes
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
@@ -61,13 +62,6 @@ def vae_with_bits(bits: int) -> dict:
 
 def lq(h: int, w: int, b: int = 1, seed: int = 0) -> torch.Tensor:
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 # -- LoRA with mismatched rank / targets ------------------------------------------------------------

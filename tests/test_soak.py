@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from comfy_harness import COMFYUI_DIR, ComfyServer, comfyui_installed, execution_error
+from comfy_harness import COMFYUI_DIR, ComfyServer, comfyui_installed, execution_error, rss_bytes
 from conftest import FIXTURE_RESTOREVAR, FIXTURE_STUDENT, FIXTURE_SWINIR, FIXTURE_VAE, FIXTURE_VAR, FIXTURE_VARSR
 from conftest import SERVER_MODELS
 from PIL import Image
@@ -30,13 +29,6 @@ RUNS = 100
 SIZES = [(32, 32), (48, 64), (64, 48), (40, 72), (64, 64)]  # (height, width) of the inputs
 VQVAE = {"varsr": "varsr_vqvae_tiny.safetensors", "restorevar": "restorevar_vqvae_tiny.safetensors",
          "var": "var_vqvae_tiny.safetensors"}
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 # -- graphs (API format) ---------------------------------------------------------------------------------
