@@ -69,7 +69,7 @@ def reference(models, png, *, swinir=False, text=None, **options) -> np.ndarray:
 def restore_graph(image_name: str | None, prefix: str, *, seed=0, sampling="argmax", scale=2.0, tile=512,
                   overlap=64, color_fix="none", merge_lora_=True, swinir=False, pyramid=False, prompt=None,
                   t5_name=None, alpha=False, model_name=FIXTURE_STUDENT.name, weight_dtype="auto",
-                  t5_dtype="auto") -> dict:
+                  t5_dtype="auto", tile_batch=None) -> dict:
     graph = {
         "2": {"class_type": "VARLoadVAE", "inputs": {"vae_name": FIXTURE_VAE.name, "weight_dtype": "auto"}},
         "3": {"class_type": "VARLoadStudent",
@@ -80,6 +80,8 @@ def restore_graph(image_name: str | None, prefix: str, *, seed=0, sampling="argm
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": prefix}},
     }
     restore = graph["4"]["inputs"]
+    if tile_batch is not None:
+        restore["tile_batch"] = tile_batch
     if image_name is not None:
         graph["1"] = {"class_type": "LoadImage", "inputs": {"image": image_name}}
         image = ["1", 0]
@@ -157,7 +159,7 @@ def test_new_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     assert restore["output"] == ["IMAGE", "VAR_PYRAMID"]
     assert list(restore["input"]["required"]) == ["model", "vae", "seed", "sampling", "scale", "tile_size",
                                                   "tile_overlap", "color_fix"]
-    assert sorted(restore["input"]["optional"]) == ["image", "pyramid", "swinir", "text"]
+    assert list(restore["input"]["optional"]) == ["image", "text", "swinir", "pyramid", "tile_batch", "compile"]
     required = restore["input"]["required"]
     assert required["seed"][1]["control_after_generate"] is True
     assert required["sampling"][1]["options"] == ["gumbel", "argmax"]
@@ -168,11 +170,13 @@ def test_new_nodes_listed_with_descriptions_and_tooltips(comfy_server):
     assert FIXTURE_STUDENT.name in info["VARLoadStudent"]["input"]["required"]["model_name"][1]["options"]
 
 
-@pytest.mark.parametrize("case", [("sq64", SQ64, 512, 64), ("winter_tiled", WINTER, 128, 32)], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [("sq64", SQ64, 512, 64, None), ("winter_tiled", WINTER, 128, 32, None),
+                                  ("winter_tiled_batched", WINTER, 128, 32, 3)], ids=lambda c: c[0])
 def test_restore_matches_var_core(comfy_server, models, case):
-    name, png, tile, overlap = case
+    """The node equals var_core restoring tile by tile; also with 3 tiles per transformer pass."""
+    name, png, tile, overlap, tile_batch = case
     entry = run_ok(comfy_server, restore_graph(comfy_server.add_input(png), f"restore_{name}", tile=tile,
-                                               overlap=overlap))
+                                               overlap=overlap, tile_batch=tile_batch))
     got = saved(comfy_server, entry)
     want = reference(models, png, scale=2.0, tile=tile, overlap=overlap, sampling="argmax", seed=0)
     with Image.open(png) as im:

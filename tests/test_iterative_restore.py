@@ -62,6 +62,23 @@ def test_single_tile_equals_the_sampler(models):
 
 
 @torch.no_grad()
+def test_guidance_without_text_is_skipped(models, caplog):
+    """No text: the guided rows would equal the unguided ones, so cfg 3 runs as cfg 1 (half the work)
+    and gives the same draw; with a text the guidance stays."""
+    x = lq(1, 64, 64)
+    with caplog.at_level("INFO", logger="var_core.restore"):
+        guided = run(models, x, FREE, scale=1.0, seed=3)
+    assert "guidance skipped" in caplog.text
+    plain = run(models, x, SamplerOptions(cfg=1.0, top_k=0, top_p=0.0), scale=1.0, seed=3)
+    assert torch.equal(guided, plain)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="var_core.restore"):
+        restore.iterative_restore_image(*models, x, text=var_core.text.unconditional(models[0].cfg_uncond),
+                                        options=RestoreOptions(scale=1.0), sampler_options=GREEDY)
+    assert "guidance skipped" not in caplog.text
+
+
+@torch.no_grad()
 def test_greedy_ignores_the_seed(models):
     x = lq(1, 64, 96, seed=2)
     a = run(models, x, scale=2.0, tile=96, overlap=16, seed=1)

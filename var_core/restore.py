@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -322,6 +322,12 @@ def iterative_restore_image(
     scales (of every image of every tile); ``check_interrupt()`` runs before each scale.
     """
     check = _interrupt_check(check_interrupt)
+    cfgs = sampler_options.cfg if isinstance(sampler_options.cfg, tuple) else (sampler_options.cfg,)
+    if text is None and any(c != 1 for c in cfgs):
+        # Without text the conditional rows are the unconditional ones: guidance would not change the
+        # logits (cfg * u + (1 - cfg) * u = u) but would double the work.
+        log.info("no text: classifier-free guidance skipped (the conditional and unconditional rows are the same)")
+        sampler_options = replace(sampler_options, cfg=1.0)
 
     def iterative(lq_B3hw, schedule, text, seeds, step):
         images = []
