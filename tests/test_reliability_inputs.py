@@ -315,7 +315,8 @@ def test_one_nan_or_inf_pixel_is_refused(dtype, value):
     (torch.zeros(0, 3, 32, 32), r"non-empty \(B, 3, H, W\) image batch, got \(0, 3, 32, 32\)"),
     ([torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 48, 64)], r"image batch, got list"),
     (torch.zeros(1, 1, 32, 32), r"image batch, got \(1, 1, 32, 32\)"),
-], ids=["empty", "list-of-sizes", "gray-model-tensor"])
+    (torch.zeros(1, 3, 32, 32).index_fill_(2, torch.tensor([5]), float("nan")), "NaN or Inf values"),
+], ids=["empty", "list-of-sizes", "gray-model-tensor", "nan-model-tensor"])
 def test_restore_refuses_an_empty_or_ragged_batch(models, bad, match):
     with pytest.raises(var_core.ImageInputError, match=match):
         restore.restore_image(*models, bad, options=RestoreOptions(scale=1))

@@ -112,7 +112,10 @@ class InfinityConfig:
             raise CheckpointError(f"{depth} blocks cannot be split into {chunks} equal block_chunks")
         ranks = {down.shape[0] for down, _ in adapters.values()}
         if len(ranks) > 1:
-            raise CheckpointError(f"LoRA adapters of different ranks {sorted(ranks)} are not supported")
+            raise CheckpointError(f"LoRA adapters of different ranks {sorted(ranks)} are not supported (VARestorer "
+                                  "uses one rank for every adapted layer); re-export the student with one rank, e.g. "
+                                  "`python -m var_core train distill --lora-rank R` then `train export`, or merge "
+                                  "the adapters into the base weights (`train export --merge-lora`)")
         return cls(
             depth=depth, embed_dim=int(embed_dim), num_heads=int(num_heads), mlp_hidden=int(ffn),
             swiglu=b0 + "ffn.fcg.weight" in base, codebook_dim=int(d), vocab_size=int(vocab),
