@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import folder_paths
 
 from .. import var_core
+from ..var_core.demo import DEMO_DIR
 
 FOLDER = "var"
 UPSCALE_MODELS = "upscale_models"
@@ -86,17 +87,17 @@ def register() -> None:
 
     An ``extra_model_paths.yaml`` (or another pack) may already have registered ``var``: its folders
     are kept, ours is added as the default, and the extension sets are merged (ComfyUI gives a
-    yaml-registered folder an empty set, so the result is our explicit set).
+    yaml-registered folder an empty set, so the result is our explicit set). The folder of the demo
+    model shipped with the pack comes last, so its two files are in the lists on a fresh install.
     """
     default = os.path.join(folder_paths.models_dir, FOLDER)
-    existing = folder_paths.folder_names_and_paths.get(FOLDER)
-    if existing is None:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
-        return
-    paths, exts = existing
+    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
     paths = list(paths)
     if default not in paths:
         paths.insert(0, default)
+    # The demo model shipped with the pack (var_core/demo), listed after the user's folders.
+    if str(DEMO_DIR) not in paths:
+        paths.append(str(DEMO_DIR))
     folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | EXTENSIONS)
 
 

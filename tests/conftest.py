@@ -26,6 +26,8 @@ FIXTURE_SWINIR = FIXTURES / "G_swinir" / "swinir_tiny.safetensors"
 FIXTURE_VAR = FIXTURES / "D_var" / "var_tiny.safetensors"
 FIXTURE_VARSR = FIXTURES / "E_varsr" / "varsr_tiny.safetensors"
 FIXTURE_RESTOREVAR = FIXTURES / "F_restorevar" / "restorevar_tiny.safetensors"
+# The demo model shipped in var_core/demo: the pack lists its folder after models/var/.
+DEMO_FILES = sorted(p.name for p in (REPO / "var_core" / "demo").glob("*.safetensors"))
 # Name in models/var/ of the test server -> fixture file copied there.
 SERVER_MODELS = {
     FIXTURE_VAE.name: FIXTURE_VAE,

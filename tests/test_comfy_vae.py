@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_harness import execution_error
-from conftest import FIXTURE_VAE, FIXTURES, SERVER_MODELS
+from conftest import DEMO_FILES, FIXTURE_VAE, FIXTURES, SERVER_MODELS
 from PIL import Image
 
 import var_core
@@ -55,8 +55,8 @@ def test_vae_nodes_listed(comfy_server):
     assert info["VARLoadVAE"]["output"] == ["VAR_VAE"]
     assert info["VAREncodePyramid"]["output"] == ["VAR_PYRAMID"]
     assert info["VARDecodePyramid"]["output"] == ["IMAGE"]
-    # The combo lists every file in models/var/ (the session server holds every fixture model).
-    assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == sorted(SERVER_MODELS)
+    # The combo lists every file in models/var/ (the session server holds every fixture model) and the demo model.
+    assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == sorted([*SERVER_MODELS, *DEMO_FILES])
 
 
 @pytest.mark.parametrize("case", ["sq64", "rect96x144"])

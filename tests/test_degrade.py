@@ -168,6 +168,19 @@ def test_pair_dataset_random_state_depends_on_seed_epoch_index(image_folder):
     assert not torch.equal(other_seed["lq"], first["lq"])
 
 
+def test_channel_shuffle_permutes_the_crop_channels(image_folder):
+    """Same crop and flip as without the option, channels in a drawn order (not always the same)."""
+    plain = PairDataset(image_folder, size=32, seed=2)
+    shuffled = PairDataset(image_folder, size=32, seed=2, channel_shuffle=True)
+    orders = set()
+    for i in range(len(plain)):
+        a, b = plain[i]["hq"], shuffled[i]["hq"]
+        order = next(p for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+                     if torch.equal(a[list(p)], b))
+        orders.add(order)
+    assert len(orders) > 1
+
+
 def test_pair_dataset_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 from comfy_harness import PACK_NAME, PACK_NODES, ComfyServer, execution_error
-from conftest import FIXTURE_STUDENT, FIXTURE_SWINIR, FIXTURE_VAE, FIXTURES
+from conftest import DEMO_FILES, FIXTURE_STUDENT, FIXTURE_SWINIR, FIXTURE_VAE, FIXTURES
 
 pytestmark = pytest.mark.comfyui
 
@@ -134,8 +134,10 @@ def test_extra_model_paths_yaml_folders_are_listed_and_loaded(tmp_path):
     yaml.write_text(f"mine:\n  base_path: {shared}\n  var: var_files\n  upscale_models: upscalers\n")
     with ComfyServer(tmp_path / "comfy", extra_args=["--extra-model-paths-config", str(yaml)]) as server:
         info = server.object_info
-        assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == [FIXTURE_VAE.name]
-        assert swinir_options(server) == sorted([FIXTURE_SWINIR.name, FIXTURE_VAE.name])  # upscale_models + var
+        assert info["VARLoadVAE"]["input"]["required"]["vae_name"][1]["options"] == sorted([FIXTURE_VAE.name,
+                                                                                            *DEMO_FILES])
+        # upscale_models + var (with the demo folder)
+        assert swinir_options(server) == sorted([FIXTURE_SWINIR.name, FIXTURE_VAE.name, *DEMO_FILES])
         entry = server.run(vae_graph(server.add_input(SQ64), FIXTURE_VAE.name))
         assert entry["status"]["status_str"] == "success", json.dumps(execution_error(entry), indent=1)[:4000]
         message = execution_error(server.run(vae_graph(server.add_input(SQ64), "gone.pth")))["exception_message"]

@@ -122,3 +122,22 @@ def test_compiled_student_matches_eager(models):
     eager = restore.restore_image(model, vae, x, options=RestoreOptions(**opts))
     compiled = restore.restore_image(model, vae, x, options=RestoreOptions(compile=True, **opts))
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+@needs_fixtures
+def test_cli_tile_batch_gives_the_same_image(tmp_path):
+    """`restore --tile-batch 3` writes the image `--tile-batch 1` writes (6 tiles of 64 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from var_core import cli
+
+    src = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src)
+    outputs = []
+    for tile_batch in ("1", "3"):
+        out = tmp_path / f"out{tile_batch}"
+        assert cli.main(["restore", str(src), "-o", str(out), "--model", str(STUDENT), "--vae", str(VAE), "--scale",
+                         "2", "--tile", "64", "--overlap", "16", "--tile-batch", tile_batch, "-q"]) == 0
+        outputs.append(np.asarray(Image.open(out / "in.png"), dtype=np.int16))
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1

@@ -195,6 +195,42 @@ def test_restore_command_with_exported_student(runs, tmp_path):
     assert Image.open(tmp_path / "out" / "lq.png").size == (64, 48)
 
 
+def test_evaluate_reports_every_method(runs, photos, tmp_path, capsys):
+    """`train evaluate` scores bicubic, the VAE ceiling, teacher and student on held-out crops and
+    times teacher and student in one run; the bicubic row equals scikit-image on the same arrays."""
+    pytest.importorskip("skimage")
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from var_core.training.evaluate import centre_crop, low_quality
+
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    for name in ("img0.png", "img1.png"):
+        shutil.copy(photos / name, held_out / name)
+    student = tmp_path / "s"
+    assert cli.main(["train", "export", str(runs["student"] / "student.safetensors"), "-o", str(student)]) == 0
+    report = tmp_path / "eval.json"
+    assert cli.main(["train", "evaluate", "--images", str(held_out), "--vae", str(runs["vae"] / "vae.safetensors"),
+                     "--student", f"{student}.safetensors", "--crop", "64", "--tile", "64", "--overlap", "16",
+                     "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert "time ratio" in capsys.readouterr().out
+    methods = {r["method"] for r in result["rows"]}
+    assert {"bicubic", "vae round trip (ceiling)", "teacher (iterative, greedy)", "student (one-step, argmax)"} <= methods
+    assert {r["degradation"] for r in result["rows"]} == {"bicubic", "degraded"}
+    assert result["teacher_over_student"] > 0 and result["images"] == 2
+    assert all(math.isfinite(r["psnr"]) and 0 < r["ssim"] <= 1 for r in result["rows"])
+    expected = []
+    for name in ("img0.png", "img1.png"):
+        hq = centre_crop(held_out / name, 64)
+        lq = low_quality(hq, 4, "bicubic", blur_sigma=1, noise=5, jpeg_quality=75, seed=0)
+        up = torch.nn.functional.interpolate(lq, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
+        expected.append(peak_signal_noise_ratio(hq[0].permute(1, 2, 0).numpy(), up[0].permute(1, 2, 0).numpy(),
+                                                data_range=1.0))
+    bicubic = next(r for r in result["rows"] if r["method"] == "bicubic" and r["degradation"] == "bicubic")
+    assert bicubic["psnr"] == pytest.approx(float(np.mean(expected)), abs=0.01)
+
+
 def _tiny_teacher_sd():
     """The state dict of a random tiny teacher (not trained)."""
     from var_core.infinity_model import Infinity
@@ -253,3 +289,16 @@ def test_image_loss_reaches_the_adapters(runs, photos):
     grads = [p.grad for name, p in task.lora_parameters().items() if "lora_B" in name]
     assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in task.vae.parameters())
+
+
+def test_photos_command_writes_the_skimage_photographs(tmp_path, capsys):
+    """`train photos` writes scikit-image's bundled colour photographs (the demo model's data) as RGB PNGs."""
+    pytest.importorskip("skimage")
+    from var_core.training.data import SKIMAGE_PHOTOS
+
+    assert cli.main(["train", "photos", "-o", str(tmp_path / "photos")]) == 0
+    written = sorted(p.name for p in (tmp_path / "photos").glob("*.png"))
+    assert written == sorted(name.rsplit(".", 1)[0] + ".png" for name in SKIMAGE_PHOTOS)
+    assert f"{len(written)} photographs" in capsys.readouterr().out
+    with Image.open(tmp_path / "photos" / "astronaut.png") as im:
+        assert im.mode == "RGB" and min(im.size) >= 256

@@ -45,6 +45,7 @@ SHRINK = {"varestorer_large_image_tiled.json": {"tile_size": 128, "tile_overlap"
 # Size (width, height) of every image each workflow saves in the test run.
 SAVED_SIZE = {
     "varestorer_x4_restore.json": (200, 200),
+    "varestorer_demo_restore.json": (200, 200),
     "varestorer_large_image_tiled.json": (200, 200),
     "infinity_iterative_restore.json": (200, 200),
     "one_step_vs_iterative.json": (200, 200),

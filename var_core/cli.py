@@ -1,6 +1,7 @@
 """Command line: ``python -m var_core {restore,sample,info,roundtrip,train} ...``.
 
-* ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default);
+* ``restore IMAGE... -o DIR --weights DIR``: one-step VARestorer super-resolution (x4 by default;
+  without ``--weights``/``--model`` the small demo model of :mod:`var_core.demo` is used);
   ``--iterative`` restores with the iterative Infinity teacher instead (next-scale sampling).
   ``--model`` may also be a VARSR or RestoreVAR file (detected from its keys), restored through
   the same tiles with its VQVAE (``--vae``).
@@ -242,9 +243,34 @@ def _family_restorer(args, family: str, sd, model_path: Path, folder: Path | Non
     return run, options
 
 
+def _use_demo_model(args) -> None:
+    """With no weights given (no ``--weights``, ``--model`` or ``--vae``), restore with the demo
+    model shipped in :mod:`var_core.demo` and say so. Fills in the tile and overlap defaults (and the
+    demo's colour fix for ``auto``)."""
+    tile, overlap = 512, 64
+    if not (args.weights or args.model or args.vae):
+        from . import demo
+
+        missing = demo.missing_files()
+        if missing:
+            raise VARError(f"no weights given and the demo model is missing from this install ({missing[0]}); "
+                           "pass --weights DIR with the official varestorer.pth and infinity_vae_d32reg.pth")
+        log.warning("No weights given (--weights/--model): restoring with the small DEMO model shipped with the "
+                    "pack (%s; trained on a CPU on 7 photos, see MODEL_CARD.md there). For real restorations "
+                    "download the official varestorer.pth and infinity_vae_d32reg.pth and pass --weights DIR.",
+                    demo.DEMO_DIR)
+        args.model, args.vae = str(demo.STUDENT), str(demo.VAE)
+        tile, overlap = demo.TILE, demo.OVERLAP
+        if args.color_fix == "auto":
+            args.color_fix = demo.COLOR_FIX
+    args.tile = tile if args.tile is None else args.tile
+    args.overlap = overlap if args.overlap is None else args.overlap
+
+
 def cmd_restore(args) -> int:
     from tqdm import tqdm
 
+    _use_demo_model(args)
     folder = _weights_folder(args)
     paths = _images(args.inputs)
     device = torch.device(args.device)
@@ -281,7 +307,8 @@ def _infinity_restorer(args, sd, model_path: Path, folder: Path | None, device: 
     """A ``restore(x, progress)`` for the VARestorer student (or the iterative teacher), and its options."""
     whole_fix, _ = family_restore.resolve_color_fix(Family.INFINITY, args.color_fix)
     options = restore.RestoreOptions(scale=_or(args.scale, FAMILY_SCALE[Family.INFINITY]), tile=args.tile,
-                                     overlap=args.overlap, sampling=args.sampling, seed=args.seed, color_fix=whole_fix)
+                                     overlap=args.overlap, sampling=args.sampling, seed=args.seed, color_fix=whole_fix,
+                                     tile_batch=args.tile_batch, compile=args.compile)
     sampler_options = _sampler_options(args) if args.iterative else None
     vae_path = _find(folder, OFFICIAL["vae"], args.vae, required=True, what="Infinity VAE")
     swinir_path = None if args.no_swinir else _find(folder, OFFICIAL["swinir"], args.swinir, required=False, what="SwinIR")
@@ -418,11 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (image i of a folder uses the same seed)")
     p.add_argument("--sampling", choices=restore.SAMPLING_MODES, default="gumbel",
                    help="gumbel: the official sampling; argmax: deterministic")
-    p.add_argument("--tile", type=int, default=512, help="tile size in output pixels (default 512)")
-    p.add_argument("--overlap", type=int, default=64, help="tile overlap in output pixels (default 64)")
+    p.add_argument("--tile", type=int, default=None,
+                   help="tile size in output pixels (default 512; the demo model: 128)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in output pixels (default 64; the demo model: 32)")
+    p.add_argument("--tile-batch", type=int, default=0,
+                   help="VARestorer: tiles per transformer pass (0: 4 on CUDA, 1 on the CPU; same result)")
+    p.add_argument("--compile", action="store_true",
+                   help="VARestorer: run the transformer through torch.compile (first run compiles; falls back "
+                        "if compiling fails)")
     p.add_argument("--color-fix", choices=family_restore.COLOR_FIX_CHOICES, default="auto",
                    help="colour correction of the whole image; auto = the model's official one (VARSR: AdaIN per "
-                        "tile; VARestorer, RestoreVAR: none)")
+                        "tile; VARestorer, RestoreVAR: none; the demo model: wavelet)")
     p.add_argument("--model", help="restoration transformer file (overrides --weights): VARestorer (varestorer.pth), "
                                    "VARSR (VARSR.pth) or RestoreVAR (restorevar.pth), detected from its keys")
     p.add_argument("--vae", help="the model's VAE (overrides --weights): the Infinity VAE for VARestorer, the VQVAE "

@@ -1,10 +1,12 @@
-"""``python -m var_core train {vae,teacher,distill,export,preview} ...``: the training command line.
+"""``python -m var_core train {vae,teacher,distill,export,evaluate,photos,preview} ...``: the training command line.
 
 The stages run in this order: ``vae`` (the BSQ tokenizer), ``teacher`` (the iterative Infinity
 transformer on the VAE's tokens), ``distill`` (the one-step VARestorer student, LoRA on the
-teacher), ``export`` (the student in the official ``varestorer.pth`` layout). ``preview`` writes
-sample pairs of the degradation pipeline. Every training stage runs under ``torchrun`` too
-(``torchrun --nproc_per_node N -m var_core train ...``: PyTorch DDP, gloo on the CPU, nccl on CUDA).
+teacher), ``export`` (the student in the official ``varestorer.pth`` layout), ``evaluate`` (PSNR,
+SSIM and time of the student, its teacher and bicubic on held-out images). ``preview`` writes
+sample pairs of the degradation pipeline; ``photos`` writes scikit-image's bundled photographs.
+Every training stage runs under ``torchrun`` too (``torchrun --nproc_per_node N -m var_core train
+...``: PyTorch DDP, gloo on the CPU, nccl on CUDA).
 The stage modules are imported only when their command runs.
 """
 
@@ -18,6 +20,7 @@ from .degrade import DegradationConfig
 
 EPILOG = """\
 a small model, end to end (scikit-image's photos; see `train preview` for the LQ images):
+  python -m var_core train photos  -o photos/
   python -m var_core train vae     --data photos/ -o runs/vae
   python -m var_core train teacher --data photos/ --vae runs/vae/vae.safetensors -o runs/teacher
   python -m var_core train distill --data photos/ --vae runs/vae/vae.safetensors \\
@@ -66,6 +69,8 @@ def _add_common(p: argparse.ArgumentParser, *, steps: int, batch: int, lr: float
     g.add_argument("--size", type=int, default=size,
                    help="square crop size in pixels, a multiple of 16 on an Infinity schedule; "
                         "restore with --tile of the same size")
+    g.add_argument("--channel-shuffle", action="store_true",
+                   help="shuffle the RGB channels of each crop (colour augmentation for a few photos)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help="optimiser steps in all")
     g.add_argument("--batch-size", type=int, default=batch, help="crops per process and micro-batch")
@@ -196,6 +201,49 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_stage("export"))
 
 
+def _photos(args) -> int:
+    from .data import skimage_photo_folder
+
+    folder = skimage_photo_folder(args.output)
+    print(f"{len(list(folder.glob('*.png')))} photographs in {folder}")
+    return 0
+
+
+def _add_photos(sub) -> None:
+    p = sub.add_parser("photos", help="write scikit-image's bundled colour photographs (the demo model's data)",
+                       description="Write the colour photographs that scikit-image bundles (no download; the "
+                                   "`train` extra) as PNG files into a folder, for --data.",
+                       formatter_class=_Formatter)
+    p.add_argument("-o", "--output", required=True, help="folder to write the PNG files into")
+    p.set_defaults(func=_photos)
+
+
+def _add_evaluate(sub) -> None:
+    from .evaluate import DEGRADATIONS
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM and time of a student, its teacher and bicubic on held-out images",
+                       description=(
+        "Centre-crop each image, make it low-quality (x SCALE down; bicubic only or degraded), restore it with "
+        "bicubic upsampling, the iterative teacher and the one-step student, and print PSNR, SSIM and seconds "
+        "(needs scikit-image: the `train` extra)."), formatter_class=_Formatter)
+    p.add_argument("--images", required=True, help="folder of held-out high-quality images (never the training ones)")
+    p.add_argument("--vae", required=True, help="the BSQ VAE")
+    p.add_argument("--student", required=True, help="the student (exported, LoRA unmerged or merged)")
+    p.add_argument("--teacher", default="", help="the iterative teacher (default: the student with its LoRA stripped)")
+    p.add_argument("--crop", type=int, default=256, help="centre crop of each image (the HQ target), pixels")
+    p.add_argument("--scale", type=int, default=4, help="downsampling factor of the LQ input")
+    p.add_argument("--degradations", nargs="+", choices=DEGRADATIONS, default=list(DEGRADATIONS),
+                   help="LQ inputs to evaluate")
+    p.add_argument("--blur-sigma", type=float, default=1.0, help="degraded: Gaussian blur sigma, HQ pixels")
+    p.add_argument("--noise", type=float, default=5.0, help="degraded: Gaussian noise sigma, 0-255 scale")
+    p.add_argument("--jpeg", type=int, default=75, help="degraded: JPEG quality")
+    p.add_argument("--tile", type=int, default=128, help="restore tile, output pixels (the training crop size)")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap, output pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the Gumbel draw")
+    p.add_argument("--json", default="", help="also write the table to this JSON file")
+    p.set_defaults(func=_stage("evaluate"))
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` and its stages to the ``python -m var_core`` subcommands."""
     p = subparsers.add_parser(
@@ -209,5 +257,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_teacher(sub)
     _add_distill(sub)
     _add_export(sub)
+    _add_evaluate(sub)
+    _add_photos(sub)
     preview.add_parser(sub)
     return p

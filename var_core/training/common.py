@@ -182,17 +182,17 @@ class RepeatedDataset(Dataset):
         return self.base[i]
 
 
-def image_dataset(folder: str, *, size: int, seed: int, config=None) -> Dataset:
+def image_dataset(folder: str, *, size: int, seed: int, config=None, channel_shuffle: bool = False) -> Dataset:
     """Random crops of the images under ``folder`` (:class:`.data.PairDataset`, degraded with
-    ``config``; ``None`` = no degradation, for the stages that use ``"hq"`` only), repeated up to
-    :data:`MIN_EPOCH` items per epoch."""
+    ``config``; ``None`` = no degradation, for the stages that use ``"hq"`` only; optionally with
+    shuffled colour channels), repeated up to :data:`MIN_EPOCH` items per epoch."""
     from .data import PairDataset
     from .degrade import DegradationConfig
 
     if config is None:  # the cheapest draw: the stage reads "hq" only
         config = DegradationConfig(kernel_size=1, downsample=(1.0, 1.0), noise_sigma=(0.0, 0.0),
                                    jpeg_quality=(100, 100))
-    base = PairDataset(folder, size=size, config=config, seed=seed)
+    base = PairDataset(folder, size=size, config=config, seed=seed, channel_shuffle=channel_shuffle)
     return RepeatedDataset(base, max(1, math.ceil(MIN_EPOCH / len(base))))
 
 

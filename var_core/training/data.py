@@ -85,20 +85,22 @@ class PairDataset(Dataset):
     [-1, 1]; ``lq`` is ``hq`` degraded by :func:`.degrade.degrade` with ``config`` and resized back
     to ``size``. Images are converted to RGB (grayscale expanded, alpha dropped) and upscaled
     (bicubic) when their short side is below ``size``; the crop position, the horizontal flip
-    (probability 1/2) and the degradation are drawn from a generator seeded by
+    (probability 1/2), with ``channel_shuffle`` a random order of the RGB channels (colour
+    augmentation for a handful of photos), and the degradation are drawn from a generator seeded by
     ``(seed, epoch, i)`` only, so any DataLoader worker or DDP rank gives the same item. Call
     :meth:`set_epoch` before each epoch for fresh crops and degradations (with DataLoader
     workers, keep ``persistent_workers=False`` so that they see the new epoch).
     """
 
     def __init__(self, folder: str | Path, *, size: int = 256, config: DegradationConfig = DegradationConfig(),
-                 seed: int = 0):
+                 seed: int = 0, channel_shuffle: bool = False):
         if size < 1:
             raise ParameterError(f"crop size {size} must be a positive number of pixels")
         self.paths = image_files(folder)
         self.size = size
         self.config = config
         self.seed = seed
+        self.channel_shuffle = channel_shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -127,6 +129,8 @@ class PairDataset(Dataset):
         hq_3HW = rearrange(torch.from_numpy(crop_HW3.copy()), "H W C -> C H W").float() / 255
         if torch.rand((), generator=generator) < 0.5:
             hq_3HW = hq_3HW.flip(-1)
+        if self.channel_shuffle:
+            hq_3HW = hq_3HW[torch.randperm(3, generator=generator)]
         lq_3HW = degrade(hq_3HW, self.config, generator)
         return {"hq": hq_3HW * 2 - 1, "lq": lq_3HW * 2 - 1, "path": str(path)}
 

@@ -266,7 +266,8 @@ def run(args) -> int:
     env = common.setup_distributed(options.device)
     common.quiet_other_ranks(env)
     try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed, config=degradation_config(args))
+        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed, config=degradation_config(args),
+                                       channel_shuffle=args.channel_shuffle)
         vae = frozen_vae(args.vae)
         torch.manual_seed(args.seed)
         student, teacher = build_student(args.teacher, rank=args.lora_rank, targets=tuple(args.lora_targets))

@@ -171,7 +171,8 @@ def run(args) -> int:
     env = common.setup_distributed(options.device)
     common.quiet_other_ranks(env)
     try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed)
+        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed,
+                                       channel_shuffle=args.channel_shuffle)
         vae = frozen_vae(args.vae)
         config = infinity_config(depth=args.depth, width=args.width, heads=args.heads, codebook_dim=vae.codebook_dim,
                                  mlp_ratio=args.mlp_ratio, text_channels=args.text_channels,

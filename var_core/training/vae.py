@@ -145,7 +145,8 @@ def run(args) -> int:
     env = common.setup_distributed(options.device)
     common.quiet_other_ranks(env)
     try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed)
+        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed,
+                                       channel_shuffle=args.channel_shuffle)
         config = vae_config(base_ch=args.base_ch, ch_mult=tuple(args.ch_mult), codebook_dim=args.codebook_dim,
                             num_res_blocks=args.num_res_blocks, mid_attention=args.mid_attention)
         schedule = common.crop_schedule(args.size)
