@@ -302,3 +302,13 @@ def test_photos_command_writes_the_skimage_photographs(tmp_path, capsys):
     assert f"{len(written)} photographs" in capsys.readouterr().out
     with Image.open(tmp_path / "photos" / "astronaut.png") as im:
         assert im.mode == "RGB" and min(im.size) >= 256
+
+
+def test_bf16_mixed_precision_path_trains(runs, photos, tmp_path):
+    """`--precision bf16` (the GPU default; autocast on the CPU here) trains with finite losses and
+    keeps fp32 master weights in the saved student."""
+    out = tmp_path / "bf16"
+    _train("distill", "--data", photos, "-o", out, "--vae", runs["vae"] / "vae.safetensors", "--teacher",
+           runs["teacher"] / "teacher.safetensors", "--steps", 3, "--precision", "bf16", *COMMON, *DISTILL_ARGS)
+    assert all(math.isfinite(v) for v in _losses(out))
+    assert {t.dtype for t in load_file(out / "student.safetensors").values()} == {torch.float32}
