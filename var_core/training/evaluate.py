@@ -119,11 +119,11 @@ def run(args) -> int:
                 schedule = fit_schedule(args.crop, args.crop)
                 outputs["vae round trip (ceiling)"] = vae.decode_bits(vae.encode(hq_13HW * 2 - 1, schedule).bits,
                                                                       schedule)[1] * 0.5 + 0.5
-                for name, fn in methods.items():
+                for name, fn in methods.items():  # every method maps [-1, 1] to [-1, 1]
                     start = time.perf_counter()
-                    y = fn(lq_13hw * 2 - 1 if name != "bicubic" else lq_13hw)
+                    y = fn(lq_13hw * 2 - 1)
                     seconds[name] += time.perf_counter() - start
-                    outputs[name] = y * 0.5 + 0.5 if name != "bicubic" else y
+                    outputs[name] = y * 0.5 + 0.5
             for name, y in outputs.items():
                 out = y[0].float().clamp(0, 1).permute(1, 2, 0).numpy()
                 scores[name].append((psnr_fn(target, out, data_range=1.0),
