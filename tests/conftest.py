@@ -5,15 +5,18 @@ session with this pack installed and the fixture models in ``models/var/`` (BSQ 
 student with LoRA, SwinIR, and the VAR / VARSR / RestoreVAR transformers with their VQVAEs, which
 all are ``vqvae_tiny.safetensors`` upstream and so get distinct names), latent previews on. Tests that use it are
 marked ``comfyui`` and are skipped, with the reason, when ComfyUI is not installed
-(``.venv/bin/python tests/install_comfyui.py`` installs it).
+(``.venv/bin/python tests/install_comfyui.py`` installs it). ``fixture_models_server`` starts such a
+server in another folder (the soak test's own); ``one_thread`` runs a module with one torch thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # ``import var_core`` from the checkout, whichever way pytest was started
@@ -42,9 +45,10 @@ SERVER_MODELS = {
 }
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
-    """A running ComfyUI (subprocess, 127.0.0.1, ``--cpu``) with the pack as a custom node."""
+@contextlib.contextmanager
+def fixture_models_server(folder: Path, extra_args: tuple[str, ...] = ()):
+    """A running ComfyUI (subprocess, 127.0.0.1, ``--cpu``) in ``folder`` with the pack as a custom node
+    and :data:`SERVER_MODELS` in ``models/var/``; skips the test when ComfyUI or the fixtures are missing."""
     from comfy_harness import COMFYUI_DIR, ComfyServer, comfyui_installed
 
     if not comfyui_installed():
@@ -52,11 +56,28 @@ def comfy_server(tmp_path_factory):
     missing = [str(p) for p in SERVER_MODELS.values() if not p.is_file()]
     if missing:
         pytest.skip(f"fixture models not present (../shared/fixtures): {missing}")
-    # Previews on (ComfyUI's default is none): VARTextToImage then sends one per scale.
-    server = ComfyServer(tmp_path_factory.mktemp("comfyui"), extra_args=["--preview-method", "auto"])
+    server = ComfyServer(folder, extra_args=list(extra_args))
     server.prepare()
     for name, model in SERVER_MODELS.items():
         server.add_model(model, name=name)
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """The session's ComfyUI; previews on (ComfyUI's default is none): VARTextToImage then sends one per scale."""
+    with fixture_models_server(tmp_path_factory.mktemp("comfyui"), ("--preview-method", "auto")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: tiny models run several times faster so, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

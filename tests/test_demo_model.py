@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import var_core
 from var_core import cli, demo
 from var_core.detect import Family
 
-pytestmark = pytest.mark.skipif(bool(demo.missing_files()), reason="demo model files not in this checkout")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(bool(demo.missing_files()), reason="demo model files not in this checkout"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 import pytest
-from comfy_harness import COMFYUI_DIR, ComfyServer, comfyui_installed, execution_error, rss_bytes
+from comfy_harness import execution_error, rss_bytes
 from conftest import FIXTURE_RESTOREVAR, FIXTURE_STUDENT, FIXTURE_SWINIR, FIXTURE_VAE, FIXTURE_VAR, FIXTURE_VARSR
-from conftest import SERVER_MODELS
+from conftest import fixture_models_server
 from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.comfyui]
@@ -149,18 +149,8 @@ def plan() -> list[str]:
 
 @pytest.fixture(scope="module")
 def soak_server(tmp_path_factory):
-    if not comfyui_installed():
-        pytest.skip(f"ComfyUI is not installed at {COMFYUI_DIR}")
-    missing = [str(p) for p in SERVER_MODELS.values() if not p.is_file()]
-    if missing:
-        pytest.skip(f"fixture models not present (../shared/fixtures): {missing}")
-    server = ComfyServer(tmp_path_factory.mktemp("soak_comfyui"))
-    server.prepare()
-    for name, model in SERVER_MODELS.items():
-        server.add_model(model, name=name)
-    server.start()
-    yield server
-    server.stop()
+    with fixture_models_server(tmp_path_factory.mktemp("soak_comfyui")) as server:
+        yield server
 
 
 def test_soak_100_prompts(soak_server, tmp_path):

@@ -34,6 +34,9 @@ DISTILL_ARGS = ["--lora-rank", "8", "--lr", "1e-2", "--downsample", "4", "4", "-
                 "--noise", "10", "15", "--jpeg", "30", "50"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _losses(run_dir, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in (run_dir / common.LOSS_LOG).read_text().splitlines()]
 
@@ -44,15 +47,6 @@ def _decreased(losses: list[float], k: int = 5) -> tuple[float, float]:
 
 def _train(stage: str, *args) -> None:
     assert cli.main(["train", stage, *[str(a) for a in args]]) == 0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run several times faster so, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,3 +429,22 @@ def record(args) -> dict:
     """The CLI arguments as plain values (for ``args.json``)."""
     return {k: v for k, v in vars(args).items() if k != "func"}
 
+
+def run_stage(args, build_task: Callable[[], TrainTask], *, what: str, model_file: str, degradation=None,
+              hint: str = "") -> int:
+    """One ``train`` stage from its parsed CLI arguments: DDP set-up, the crop dataset (degraded
+    with ``degradation``, see :func:`image_dataset`), ``build_task()``, the loop, tear-down. Rank 0
+    then logs where ``what`` (``model_file`` in the run folder) was written, and ``hint``."""
+    options = options_from_args(args)
+    env = setup_distributed(options.device)
+    quiet_other_ranks(env)
+    try:
+        dataset = image_dataset(args.data, size=args.size, seed=args.seed, config=degradation,
+                                channel_shuffle=args.channel_shuffle)
+        task = build_task()
+        train(task, dataset, options, env=env, config=record(args))
+        if env.is_main:
+            log.info("%s written to %s%s", what, Path(options.out_dir) / model_file, hint)
+    finally:
+        teardown(env)
+    return 0

@@ -259,15 +259,11 @@ def run(args) -> int:
     """``train distill`` (arguments: :mod:`.cli`)."""
     from .cli import degradation_config
 
-    options = common.options_from_args(args)
     distill_options = DistillOptions(kl=args.kl, context=args.teacher_context, kl_weight=args.kl_weight,
                                      kl_weighting=args.kl_weighting, mse_weight=args.mse_weight,
                                      grad_weight=args.grad_weight, st_sampling=args.st_sampling, tau=args.tau)
-    env = common.setup_distributed(options.device)
-    common.quiet_other_ranks(env)
-    try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed, config=degradation_config(args),
-                                       channel_shuffle=args.channel_shuffle)
+
+    def build() -> DistillTask:
         vae = frozen_vae(args.vae)
         torch.manual_seed(args.seed)
         student, teacher = build_student(args.teacher, rank=args.lora_rank, targets=tuple(args.lora_targets))
@@ -276,9 +272,7 @@ def run(args) -> int:
         n = sum(p.numel() for p in task.lora_parameters().values())
         log.info("student: %d LoRA adapters of rank %d (%.2fM trainable parameters), %d scales up to %dx%d",
                  len(lora_lib.lora_layers(student)), args.lora_rank, n / 1e6, len(schedule), *schedule[-1][1:])
-        common.train(task, dataset, options, env=env, config=common.record(args))
-        if env.is_main:
-            log.info("student written to %s (export it with `train export`)", Path(options.out_dir) / MODEL_FILE)
-    finally:
-        common.teardown(env)
-    return 0
+        return task
+
+    return common.run_stage(args, build, what="student", model_file=MODEL_FILE, degradation=degradation_config(args),
+                            hint=" (export it with `train export`)")

@@ -167,12 +167,8 @@ class TeacherTask(common.TrainTask):
 
 def run(args) -> int:
     """``train teacher`` (arguments: :mod:`.cli`)."""
-    options = common.options_from_args(args)
-    env = common.setup_distributed(options.device)
-    common.quiet_other_ranks(env)
-    try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed,
-                                       channel_shuffle=args.channel_shuffle)
+
+    def build() -> TeacherTask:
         vae = frozen_vae(args.vae)
         config = infinity_config(depth=args.depth, width=args.width, heads=args.heads, codebook_dim=vae.codebook_dim,
                                  mlp_ratio=args.mlp_ratio, text_channels=args.text_channels,
@@ -180,13 +176,9 @@ def run(args) -> int:
         schedule = common.crop_schedule(args.size)
         torch.manual_seed(args.seed)
         model = init_weights(Infinity(config=config))
-        task = TeacherTask(model, vae, schedule, scale_weighting=args.scale_weighting)
         n = sum(p.numel() for p in model.parameters())
         log.info("teacher: %.2fM parameters (%.1f MB in float32), %d scales up to %dx%d (%d tokens)", n / 1e6,
                  n * 4 / 2**20, len(schedule), *schedule[-1][1:], sum(h * w for _, h, w in schedule))
-        common.train(task, dataset, options, env=env, config=common.record(args))
-        if env.is_main:
-            log.info("teacher written to %s", Path(options.out_dir) / MODEL_FILE)
-    finally:
-        common.teardown(env)
-    return 0
+        return TeacherTask(model, vae, schedule, scale_weighting=args.scale_weighting)
+
+    return common.run_stage(args, build, what="teacher", model_file=MODEL_FILE)

@@ -141,26 +141,17 @@ class VAETask(common.TrainTask):
 
 def run(args) -> int:
     """``train vae`` (arguments: :mod:`.cli`)."""
-    options = common.options_from_args(args)
-    env = common.setup_distributed(options.device)
-    common.quiet_other_ranks(env)
-    try:
-        dataset = common.image_dataset(args.data, size=args.size, seed=args.seed,
-                                       channel_shuffle=args.channel_shuffle)
+
+    def build() -> VAETask:
         config = vae_config(base_ch=args.base_ch, ch_mult=tuple(args.ch_mult), codebook_dim=args.codebook_dim,
                             num_res_blocks=args.num_res_blocks, mid_attention=args.mid_attention)
         schedule = common.crop_schedule(args.size)
         torch.manual_seed(args.seed)
         vae = BSQVAE(config=config)
-        task = VAETask(vae, schedule, l1_weight=args.l1_weight, mse_weight=args.mse_weight,
-                       commit_weight=args.commit_weight)
         n = sum(p.numel() for p in vae.parameters())
         log.info("VAE: %.2fM parameters (%.1f MB in float32), %d-bit tokens, %d scales up to %dx%d",
                  n / 1e6, n * 4 / 2**20, config.codebook_dim, len(schedule), *schedule[-1][1:])
-        common.train(task, dataset, options, env=env, config=common.record(args))
-        if env.is_main:
-            log.info("VAE written to %s", Path(options.out_dir) / MODEL_FILE)
-    finally:
-        common.teardown(env)
-    return 0
+        return VAETask(vae, schedule, l1_weight=args.l1_weight, mse_weight=args.mse_weight,
+                       commit_weight=args.commit_weight)
 
+    return common.run_stage(args, build, what="VAE", model_file=MODEL_FILE)
