@@ -308,8 +308,8 @@ class VARRestore(io.ComfyNode):
         if swinir is not None:
             patchers.append(patching.on_device(swinir.patcher, device, "SwinIR"))
         if family == Family.INFINITY:
-            tile_hw = (min(options.tile, out_h), min(options.tile, out_w))
-            memory = student_memory_required(model, vae, swinir, tile_hw, (out_h, out_w),
+            work_hw = var_restore.tile_pixels(out_h, out_w, options.tile)
+            memory = student_memory_required(model, vae, swinir, work_hw, (out_h, out_w),
                                              tiles=min(options.tiles_per_batch(device), per_image))
         else:
             memory = transformer_memory_required(model, vae, (out_h, out_w), rows=2 if family == Family.VARSR else 1)

@@ -20,7 +20,7 @@ from ..var_core import sampler as var_sampler
 from ..var_core.bsq_quant import NEXT_SCALE_MODES
 from ..var_core.colorfix import MODES as COLOR_FIX_MODES
 from ..var_core.pyramid import Pyramid
-from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, fit_schedule, scale_schedule, schedule_pixels
+from ..var_core.schedules import H_DIV_W_TEMPLATES, PIXEL_BUDGETS, scale_schedule, schedule_pixels
 from . import categories, patching
 from .student import autocast_for, require_family, restore_each, tile_inputs
 from .types import VARVAE, VARModel, VARSwinIR, VARText, VarModel, VarPyramid, VarSwinIR, VarText, VarVAE
@@ -190,8 +190,7 @@ class VARIterativeRestore(io.ComfyNode):
         rgb, alpha = var_image.split_alpha(image)
         batch, h, w, _ = rgb.shape
         per_image = var_restore.count_steps(h, w, options, iterative=True)
-        tile_h, tile_w = min(options.tile, out_h), min(options.tile, out_w)
-        schedule = fit_schedule(tile_h, tile_w)
+        schedule = var_restore.tile_schedule(min(options.tile, out_h), min(options.tile, out_w), options.tile)
         patchers = [model.patcher, vae_patcher]
         if swinir is not None:
             patchers.append(patching.on_device(swinir.patcher, device, "SwinIR"))

@@ -448,9 +448,9 @@ class VAROneStepRestore(io.ComfyNode):
         patchers = [model.patcher, vae_patcher]
         if swinir is not None:
             patchers.append(patching.on_device(swinir.patcher, device, "SwinIR"))
-        tile_hw = (min(options.tile, out_h), min(options.tile, out_w))
+        work_hw = var_restore.tile_pixels(out_h, out_w, options.tile)
         mm.load_models_gpu(patchers, memory_required=memory_required(
-            model, vae, swinir, tile_hw, (out_h, out_w), tiles=min(options.tiles_per_batch(device), per_image)))
+            model, vae, swinir, work_hw, (out_h, out_w), tiles=min(options.tiles_per_batch(device), per_image)))
         tiles = TileBits(batch)
         restored = restore_each(model, rgb, alpha, per_image, lambda x, i, progress: var_restore.restore_image(
             model.module, vae.module, x, text=condition, swinir=None if swinir is None else swinir.module,

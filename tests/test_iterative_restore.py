@@ -50,10 +50,10 @@ def test_output_keeps_aspect_ratio(models, hw, scale):
 @torch.no_grad()
 def test_single_tile_equals_the_sampler(models):
     model, vae = models
-    x = lq(1, 96, 144)
-    schedule = fit_schedule(96, 144)
-    assert schedule_pixels(schedule) == (96, 144)
-    y = run(models, x, scale=1.0, tile=512)
+    x = lq(1, 128, 128)
+    schedule = fit_schedule(128, 128)
+    assert schedule_pixels(schedule) == (128, 128)
+    y = run(models, x, scale=1.0, tile=128)
     text = var_core.text.unconditional(model.cfg_uncond)
     direct = sampler.iterative_restore(model, vae, x, text, schedule, GREEDY).image
     assert torch.equal(y, direct.clamp(-1, 1))

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import var_core
@@ -39,13 +40,54 @@ def test_output_keeps_aspect_ratio(models, hw, scale):
 @torch.no_grad()
 def test_single_tile_equals_untiled(models):
     model, vae = models
-    x = lq(1, 96, 144)
-    y = restore.restore_image(model, vae, x, options=RestoreOptions(scale=1.0, tile=512, sampling="argmax"))
-    schedule = fit_schedule(96, 144)
-    assert schedule_pixels(schedule) == (96, 144)  # on a template: no resize
+    x = lq(1, 128, 128)
+    y = restore.restore_image(model, vae, x, options=RestoreOptions(scale=1.0, tile=128, sampling="argmax"))
+    schedule = fit_schedule(128, 128)
+    assert schedule_pixels(schedule) == (128, 128)  # on a template: no resize
     text = var_core.text.unconditional(model.cfg_uncond)
     direct = student.restore(model, vae, x, text, schedule, sample=False).image
     assert torch.equal(y, direct.clamp(-1, 1))
+
+
+def bicubic(x, size):
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
+
+
+@torch.no_grad()
+def test_image_smaller_than_a_tile_is_restored_on_the_full_tile_schedule(models):
+    """A 96 x 144 image with 512 px tiles: squashed up to the 10-scale 2:3 schedule (the official
+    code squashes to 512 x 512), not restored on a coarser schedule and upsampled."""
+    model, vae = models
+    x = lq(1, 96, 144)
+    y = restore.restore_image(model, vae, x, options=RestoreOptions(scale=1.0, tile=512, sampling="argmax"))
+    schedule = restore.tile_schedule(96, 144, 512)
+    assert len(schedule) == len(fit_schedule(512, 512)) == 10
+    assert schedule_pixels(schedule) == (416, 624)
+    text = var_core.text.unconditional(model.cfg_uncond)
+    direct = student.restore(model, vae, bicubic(x, (416, 624)), text, schedule, sample=False).image
+    assert torch.equal(y, bicubic(direct, (96, 144)))
+
+
+@torch.no_grad()
+def test_out_of_memory_restores_on_the_halved_tiles_schedule(models, monkeypatch):
+    """After out of memory halves the tile, pieces are restored on the smaller tile's schedule (not
+    squashed back up to the first tile's, which would run out of memory again)."""
+    seen, real = [], student.restore
+
+    def restore_or_oom(model, vae, lq_B3hw, *args, **kwargs):
+        seen.append(tuple(lq_B3hw.shape[-2:]))
+        if lq_B3hw.shape[-1] > 128:
+            raise torch.OutOfMemoryError("fake")
+        return real(model, vae, lq_B3hw, *args, **kwargs)
+
+    monkeypatch.setattr(student, "restore", restore_or_oom)
+    steps = []
+    y = restore.restore_image(*models, lq(1, 200, 200), options=RestoreOptions(scale=1.0, tile=256, overlap=32,
+                                                                               sampling="argmax"),
+                              progress=lambda d, n: steps.append((d, n)))
+    assert y.shape == (1, 3, 200, 200)
+    assert seen[0] == (256, 256) and set(seen[1:]) == {(128, 128)} and len(seen) == 1 + 4
+    assert steps == [(i, 4) for i in range(1, 5)]
 
 
 @torch.no_grad()

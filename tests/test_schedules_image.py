@@ -42,6 +42,46 @@ def test_fit_schedule_is_valid_and_keeps_aspect(h, w):
     assert abs(th / tw - schedules.nearest_template(h / w)) < 0.02
 
 
+@given(h=st.integers(16, 1200), w=st.integers(16, 1200), min_scales=st.integers(1, 13))
+@settings(max_examples=200, deadline=None)
+def test_fit_schedule_covers_the_image_with_enough_scales(h, w, min_scales):
+    """Never restored below the image's resolution (unless even the 1M template is smaller), never
+    on fewer scales than asked, and an image on its own template grid is not resized."""
+    sched = schedules.fit_schedule(h, w, min_scales=min_scales)
+    th, tw = schedules.schedule_pixels(sched)
+    assert len(sched) >= min_scales
+    whole = len(sched) == max(schedules.PIXEL_BUDGETS.values())
+    assert (th >= h and tw >= w) or whole
+    shorter = sched[:-1]
+    if shorter and len(shorter) >= min_scales and (th, tw) != (h, w):  # the shortest prefix that covers
+        sh, sw = schedules.schedule_pixels(shorter)
+        assert sh < h or sw < w
+
+
+@pytest.mark.parametrize("hw,min_scales,expected", [
+    ((480, 512), 10, (512, 512)),  # a 480 px side in 512 px tiles: squashed up, not down to 256
+    ((400, 400), 10, (512, 512)),
+    ((512, 448), 10, (560, 448)),  # nearest template 5:4
+    ((96, 144), 1, (96, 144)),  # on a template: its own grid
+    ((96, 144), 10, (416, 624)),
+    ((256, 256), 7, (256, 256)),
+    ((100, 100), 5, (128, 128)),
+    ((3000, 3000), 1, (1024, 1024)),  # beyond the 1M template: the whole template
+])
+def test_fit_schedule_examples(hw, min_scales, expected):
+    assert schedules.schedule_pixels(schedules.fit_schedule(*hw, min_scales=min_scales)) == expected
+
+
+def test_tile_schedule_uses_a_full_tiles_scale_count():
+    from var_core import restore
+
+    assert len(restore.tile_schedule(512, 512, 512)) == 10
+    assert schedules.schedule_pixels(restore.tile_schedule(480, 512, 512)) == (512, 512)
+    assert schedules.schedule_pixels(restore.tile_schedule(256, 256, 256)) == (256, 256)  # a halved tile
+    assert restore.tile_pixels(480, 2000, 512) == (512, 512)
+    assert restore.tile_pixels(1000, 2000, 512) == (512, 512)
+
+
 @pytest.mark.reliability
 @pytest.mark.parametrize("bad", [[], [(1, 2)], [(1, 4, 4), (1, 2, 2)], [(0, 1, 1)], "abc"])
 def test_bad_schedules(bad):

@@ -66,7 +66,8 @@ def encode_image(vae: BSQVAE, x_B3HW: torch.Tensor, *, schedule: Schedule | None
     """Encode images in [-1, 1] into a :class:`Pyramid`.
 
     Without a ``schedule`` the image's own latent grid is used when it lies on an Infinity
-    template, else the image is resized (bicubic, antialiased) to the nearest template size.
+    template, else the image is resized (bicubic, antialiased) to the smallest size of the template
+    nearest its aspect ratio that covers it (:func:`.schedules.fit_schedule`).
     """
     if x_B3HW.ndim != 4 or x_B3HW.shape[1] != 3:
         raise ImageInputError(f"expected (B, 3, H, W) images, got {tuple(x_B3HW.shape)}")

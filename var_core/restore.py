@@ -3,7 +3,9 @@
 The official pipeline (``gen_one_img_anyres`` of EternalEvan/VARestorer ``tools/run_varestorer.py``)
 squashes the input to 512 x 512 or tiles a resized image. Here the low-quality image is resized
 by the upscale factor (bicubic, antialiased), keeping its aspect ratio, and restored in overlapping
-model-sized tiles (:mod:`.tiling`); each tile is fitted to the nearest Infinity scale schedule,
+model-sized tiles (:mod:`.tiling`); each tile is fitted to an Infinity scale schedule with at
+least a full tile's scales (:func:`tile_schedule`: an image smaller than a tile is squashed up to
+it, as the official code squashes every image to 512 x 512, instead of restored coarser),
 optionally pre-cleaned by SwinIR, encoded into its token pyramid, restored in one forward pass
 (:func:`.student.restore`) and decoded. Image ``i`` of a batch draws its sampling noise from
 ``seed + i``, so a batch gives the same images as single runs, and a seed always gives the same result.
@@ -133,17 +135,34 @@ def _text_rows(text: TextCondition) -> list[TextCondition]:
     return [TextCondition(kv_NC, (n,)) for kv_NC, n in zip(torch.split(text.kv_compact, text.lens), text.lens)]
 
 
-def steps_per_tile(tile_h: int, tile_w: int, batch: int, *, iterative: bool) -> int:
-    """Progress steps of one tile: 1 for the one-step student (the batch in one pass), one per
-    scale and image for the iterative teacher (each image is sampled alone)."""
-    return batch * len(fit_schedule(tile_h, tile_w)) if iterative else 1
+def tile_schedule(tile_h: int, tile_w: int, tile: int) -> list[tuple[int, int, int]]:
+    """The scale schedule a ``tile_h x tile_w`` piece cut by ``tile`` px tiles is restored on.
+
+    At least as many scales as a full tile (:func:`.schedules.fit_schedule` with ``min_scales``):
+    a piece smaller than the tile (an image with a side below it) is resized up to that schedule
+    and the result back, as the official code squashes such images to 512 x 512, rather than being
+    restored on a coarser schedule than the model was trained on and upsampled.
+    """
+    return fit_schedule(tile_h, tile_w, min_scales=len(fit_schedule(tile, tile)))
+
+
+def tile_pixels(out_h: int, out_w: int, tile: int) -> tuple[int, int]:
+    """``(height, width)`` the model works on per tile of an ``out_h x out_w`` output (the size of
+    its :func:`tile_schedule`; for memory estimates)."""
+    return schedule_pixels(tile_schedule(min(tile, out_h), min(tile, out_w), tile))
+
+
+def steps_per_tile(tile_h: int, tile_w: int, batch: int, *, iterative: bool, tile: int) -> int:
+    """Progress steps of one tile cut by ``tile`` px tiles: 1 for the one-step student (the batch
+    in one pass), one per scale and image for the iterative teacher (each image is sampled alone)."""
+    return batch * len(tile_schedule(tile_h, tile_w, tile)) if iterative else 1
 
 
 def count_steps(h: int, w: int, options: RestoreOptions, *, batch: int = 1, iterative: bool = False) -> int:
     """Progress steps of restoring a batch of ``h x w`` images (tiles, times scales when iterative)."""
     H, W = output_size(h, w, options.scale)
     return count_tiles(H, W, options.tile, options.overlap) * steps_per_tile(
-        min(options.tile, H), min(options.tile, W), batch, iterative=iterative)
+        min(options.tile, H), min(options.tile, W), batch, iterative=iterative, tile=options.tile)
 
 
 SeededTile = Callable[[torch.Tensor, list[int], Callable[[], None]], torch.Tensor]
@@ -172,6 +191,7 @@ def restore_tiled(
     check_interrupt: Callable[[], object] | None,
     device: torch.device,
     tile_batch: int = 1,
+    on_retry: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """The any-size path every restorer shares: resize ``lq`` by ``options.scale`` (bicubic,
     aspect kept), cut it into overlapping tiles of ``options.tile`` output pixels, restore each with
@@ -183,6 +203,7 @@ def restore_tiled(
 
     ``steps_per_tile(th, tw)`` is the number of ``step()`` calls of one ``th x tw`` tile;
     ``progress(done, total)`` counts them; ``check_interrupt()`` runs before each tile (batch).
+    ``on_retry(tile, overlap)`` is told the new tile size when out of memory halves it.
     """
     _check_batch(lq_B3HW)
     b, _, h, w = lq_B3HW.shape
@@ -200,8 +221,10 @@ def restore_tiled(
         if progress:
             progress(state["done"], total())
 
-    def on_retry(tile: int, overlap: int, _tile_batch: int) -> None:  # the whole image starts again
+    def retry(tile: int, overlap: int, _tile_batch: int) -> None:  # the whole image starts again
         state.update(tile=tile, overlap=overlap, done=0, index=0)
+        if on_retry:
+            on_retry(tile, overlap)
 
     def tile_fn(t_B3hw: torch.Tensor) -> torch.Tensor:
         n = t_B3hw.shape[0] // b
@@ -210,7 +233,7 @@ def restore_tiled(
         return restore_tile(t_B3hw, seeds, step)
 
     out = run_tiled_with_retry(tile_fn, x_B3HW, tile=options.tile, overlap=options.overlap, tile_batch=tile_batch,
-                               check_interrupt=check, on_retry=on_retry)
+                               check_interrupt=check, on_retry=retry)
     out = color_fix(out, x_B3HW, options.color_fix)
     return out.clamp(-1, 1) if out is x_B3HW else out.clamp_(-1, 1)  # in place: no second full-size buffer
 
@@ -230,19 +253,20 @@ def _restore_tiled(
     device: torch.device | None,
     tile_batch: int = 1,
 ) -> torch.Tensor:
-    """:func:`restore_tiled` for Infinity: each tile is fitted to its nearest scale schedule and
-    optionally cleaned by SwinIR. ``restore_tile(lq, schedule, text, seeds, step)`` restores
-    ``(n * B, 3, 16h, 16w)`` (``n`` tiles of the ``B`` images, at most ``tile_batch``) sized to
+    """:func:`restore_tiled` for Infinity: each tile is fitted to its scale schedule
+    (:func:`tile_schedule`) and optionally cleaned by SwinIR. ``restore_tile(lq, schedule, text,
+    seeds, step)`` restores ``(n * B, 3, 16h, 16w)`` (``n`` tiles of the ``B`` images, at most ``tile_batch``) sized to
     ``schedule``, with one prompt and seed per row, and calls ``step()`` after each progress step
     (:func:`steps_per_tile` per tile)."""
     _check_batch(lq_B3HW)
     device = device or model_device(model)
     b = lq_B3HW.shape[0]
     text = _text_for(model, text, b, device)
+    current = {"tile": options.tile}  # halved by out-of-memory retries
 
     def infinity_tile(t_B3hw: torch.Tensor, seeds: list[int], step: Callable[[], None]) -> torch.Tensor:
         th, tw = t_B3hw.shape[-2:]
-        schedule = fit_schedule(th, tw)
+        schedule = tile_schedule(th, tw, current["tile"])
         lq = _resize(t_B3hw, schedule_pixels(schedule))
         if swinir is not None:
             lq = swinir_lib.clean(swinir, lq)
@@ -251,8 +275,10 @@ def _restore_tiled(
         return _resize(restore_tile(lq, schedule, text_n, seeds, step), (th, tw))
 
     return restore_tiled(lq_B3HW, infinity_tile, options=options,
-                         steps_per_tile=lambda th, tw: steps_per_tile(th, tw, b, iterative=iterative),
-                         progress=progress, check_interrupt=check_interrupt, device=device, tile_batch=tile_batch)
+                         steps_per_tile=lambda th, tw: steps_per_tile(th, tw, b, iterative=iterative,
+                                                                      tile=current["tile"]),
+                         progress=progress, check_interrupt=check_interrupt, device=device, tile_batch=tile_batch,
+                         on_retry=lambda tile, _overlap: current.update(tile=tile))
 
 
 def restore_image(

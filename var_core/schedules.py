@@ -67,24 +67,6 @@ def scale_schedule(h_div_w: float, pn: str = "1M") -> list[tuple[int, int, int]]
     return [(1, h, w) for h, w in grids]
 
 
-def schedule_for_size(height: int, width: int) -> list[tuple[int, int, int]]:
-    """The schedule for an image of ``height`` x ``width`` pixels.
-
-    Picks the template nearest the image's aspect ratio and the largest pixel budget whose image
-    is not larger than the input (at least 0.06M), so that the model never works on more tokens
-    than the image holds.
-    """
-    if height < 1 or width < 1:
-        raise ParameterError(f"image size must be positive, got {height}x{width}")
-    template = nearest_template(height / width)
-    best = "0.06M"
-    for pn, n in PIXEL_BUDGETS.items():
-        h, w = H_DIV_W_TEMPLATES[template][n - 1]
-        if h * VAE_STRIDE <= height and w * VAE_STRIDE <= width:
-            best = pn
-    return scale_schedule(template, best)
-
-
 def schedule_pixels(schedule: list[tuple[int, int, int]]) -> tuple[int, int]:
     """Image ``(height, width)`` in pixels that a schedule decodes to."""
     _, h, w = schedule[-1]
@@ -106,14 +88,30 @@ def schedule_for_latent(h: int, w: int) -> list[tuple[int, int, int]]:
     )
 
 
-def fit_schedule(height: int, width: int) -> list[tuple[int, int, int]]:
-    """Schedule for an image: its own grid when that is on a template, else the nearest template."""
+def fit_schedule(height: int, width: int, *, min_scales: int = 1) -> list[tuple[int, int, int]]:
+    """Schedule to restore a ``height`` x ``width`` image on, with at least ``min_scales`` scales.
+
+    The image's own latent grid when that is on a template (a prefix of at least ``min_scales``
+    scales); else the shortest such prefix of the template nearest the image's aspect ratio whose
+    image covers ``height`` x ``width``, so the model never works below the output resolution (the
+    image is resized to the schedule and the result back); the whole template (1M) when even that
+    is smaller. :func:`.restore.tile_schedule` sets ``min_scales`` to a full tile's count, so an
+    image smaller than a tile is restored as the official code restores it: squashed to the tile.
+    """
+    if height < 1 or width < 1:
+        raise ParameterError(f"image size must be positive, got {height}x{width}")
     if height % VAE_STRIDE == 0 and width % VAE_STRIDE == 0:
         try:
-            return schedule_for_latent(height // VAE_STRIDE, width // VAE_STRIDE)
+            own = schedule_for_latent(height // VAE_STRIDE, width // VAE_STRIDE)
         except ParameterError:
-            pass
-    return schedule_for_size(height, width)
+            own = []
+        if len(own) >= min_scales:
+            return own
+    grids = H_DIV_W_TEMPLATES[nearest_template(height / width)]
+    first = min(max(min_scales, 1), len(grids))
+    n = next((n for n in range(first, len(grids) + 1)
+              if grids[n - 1][0] * VAE_STRIDE >= height and grids[n - 1][1] * VAE_STRIDE >= width), len(grids))
+    return [(1, h, w) for h, w in grids[:n]]
 
 
 def validate_schedule(schedule, latent_hw: tuple[int, int] | None = None) -> list[tuple[int, int, int]]:
