@@ -142,3 +142,40 @@ def test_bf16_decode_close_to_fp32(vae):
     half = var_core.load(A / "vae_tiny.safetensors").model.to(torch.bfloat16)
     out = half.decode(z)
     assert out.dtype == torch.bfloat16 and (out.float() - ref).abs().mean() < 0.05
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+def test_out_of_memory_falls_back_to_latent_tiles(vae, stage, monkeypatch, caplog):
+    """A whole image (latent) that runs out of memory is encoded (decoded) in latent tiles, halved
+    while memory still runs out: here anything above 16 latent cells fails, so 32-cell tiles fail
+    too and 16-cell ones (overlap 4) do the work."""
+    from var_core.tiling import run_tiled
+
+    net = vae.encoder if stage == "encode" else vae.decoder
+    p = vae.config.patch_size
+    cells = (lambda t: max(t.shape[-2:]) // p) if stage == "encode" else (lambda t: max(t.shape[-2:]))
+    real, seen = net.forward, []
+
+    def forward_or_oom(t):
+        seen.append(cells(t))
+        if cells(t) > 16:
+            raise torch.OutOfMemoryError("fake")
+        return real(t)
+
+    monkeypatch.setattr(net, "forward", forward_or_oom)
+    g = torch.Generator().manual_seed(0)
+    with caplog.at_level("WARNING", logger="var_core"):
+        if stage == "encode":
+            x = torch.rand(1, 3, 40 * p, 24 * p, generator=g) * 2 - 1
+            got = vae.encode_latent(x)
+            want = run_tiled(lambda t: real(t).float(), x, tile=16, overlap=4, in_scale=p)
+        else:
+            z = torch.randn(1, vae.codebook_dim, 40, 24, generator=g).sign()
+            got = vae.decode(z)
+            want = run_tiled(real, z, tile=16, overlap=4, out_scale=p).clamp(-1, 1)
+    assert seen[0] == 40 and 32 in seen and max(seen[seen.index(16):]) == 16
+    assert torch.equal(got, want)
+    assert f"out of memory to {stage} a 40x24 latent whole" in caplog.text
+    assert "retrying with tiles of 16" in caplog.text
+

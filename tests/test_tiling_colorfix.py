@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import var_core
 from var_core import colorfix, tiling
@@ -33,6 +34,19 @@ def test_pointwise_fn_blends_back_exactly():
     x = torch.rand(1, 3, 700, 900)
     y = tiling.run_tiled(lambda t: t * 2 - 1, x, tile=256, overlap=48)
     torch.testing.assert_close(y, x * 2 - 1, atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_on_a_coarser_grid_than_the_input_or_the_output():
+    """The VAE's tiling: tiles counted in 16-pixel latent cells; a cell-local ``fn`` (16x16 average
+    pooling, 16x nearest upsampling) blends back to its whole-image result."""
+    x = torch.rand(1, 3, 40 * 16, 56 * 16)
+    pool = lambda t: F.avg_pool2d(t, 16)  # noqa: E731
+    torch.testing.assert_close(tiling.run_tiled(pool, x, tile=16, overlap=4, in_scale=16), pool(x))
+    z = torch.rand(1, 4, 40, 56)
+    up = lambda t: F.interpolate(t, scale_factor=16, mode="nearest")  # noqa: E731
+    torch.testing.assert_close(tiling.run_tiled(up, z, tile=16, overlap=4, out_scale=16), up(z))
+    with pytest.raises(var_core.ParameterError, match="16-pixel grid cells"):
+        tiling.run_tiled(pool, x[..., :-8], tile=16, overlap=4, in_scale=16)
 
 
 def test_progress_and_interrupt_between_tiles():

@@ -6,11 +6,17 @@ Synthesis" (CVPR 2025), as used by VARestorer (ICLR 2026). The format follows
 encoder/decoder whose convolutions and norms sit one level down (``*.conv.weight``,
 ``*.norm.weight``), and a parameter-free multi-scale BSQ quantiser (:mod:`.bsq_quant`).
 
-Every size is read from the state dict (:meth:`BSQVAEConfig.from_state_dict`).
+Every size is read from the state dict (:meth:`BSQVAEConfig.from_state_dict`). An image (or
+latent) that runs out of memory as a whole is encoded (decoded) in overlapping tiles of its latent
+grid, blended, and the tiles halved while memory still runs out, as ComfyUI's own VAE nodes do; the
+GroupNorm statistics then come from each tile, so the tiled result is close to, not equal to, the
+whole-image one.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +29,13 @@ from .checkpoint import StateDict
 from .detect import count_indexed
 from .errors import CheckpointError, ImageInputError
 from .schedules import validate_schedule
+from .tiling import run_tiled_with_retry
+
+log = logging.getLogger(__name__)
+
+# Tiles (latent cells) after the whole image ran out of memory: 32 cells = 512 px, ComfyUI's VAE
+# tile; a quarter overlaps. Halved on further out-of-memory errors down to 8 cells (128 px).
+OOM_TILE, OOM_OVERLAP, OOM_MIN_TILE = 32, 8, 8
 
 # Keys of the official file that hold no weights: the quantiser's bit-order buffer, saved under
 # both attribute names the official class has. Checked (MSB-first) and not loaded.
@@ -281,7 +294,8 @@ class BSQVAE(nn.Module):
         self.check_image(x_B3HW)
         dtype = next(self.encoder.parameters()).dtype
         with torch.autocast(x_B3HW.device.type, enabled=False):
-            return self.encoder(x_B3HW.to(dtype)).float()
+            return _whole_or_tiled(lambda x: self.encoder(x.to(dtype)).float(), x_B3HW, "encode",
+                                   in_scale=self.config.patch_size, out_scale=1)
 
     def encode(self, x_B3HW: torch.Tensor, schedule, *, intermediates: bool = False) -> bsq_quant.PyramidEncoding:
         """Image -> per-scale bits over ``schedule`` (whose last scale must be the latent grid)."""
@@ -295,7 +309,9 @@ class BSQVAE(nn.Module):
             z_BdHW = z_BdHW.squeeze(2)
         dtype = next(self.decoder.parameters()).dtype
         with torch.autocast(z_BdHW.device.type, enabled=False):  # the VAE's own precision, as in encode
-            return self.decoder(z_BdHW.to(dtype)).clamp(-1, 1)
+            x = _whole_or_tiled(lambda z: self.decoder(z.to(dtype)), z_BdHW, "decode",
+                                in_scale=1, out_scale=self.config.patch_size)
+        return x.to(dtype).clamp(-1, 1)
 
     def decode_bits(self, bits: list[torch.Tensor], schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-scale bits -> ``(summed_codes (B, d, 1, H, W), image (B, 3, 16H, 16W))``."""
@@ -304,6 +320,22 @@ class BSQVAE(nn.Module):
             raise ImageInputError(f"got bits for {len(bits)} scales but the schedule has {len(schedule)}")
         codes = bsq_quant.summed_codes(bits, schedule)
         return codes, self.decode(codes)
+
+
+def _whole_or_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, what: str, *,
+                    in_scale: int, out_scale: int) -> torch.Tensor:
+    """``fn(x)``; after an out-of-memory error, ``fn`` over latent-grid tiles (see the module docstring)."""
+    try:
+        return fn(x)
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first, so the failed attempt's tensors are freed
+    h, w = x.shape[-2] // in_scale, x.shape[-1] // in_scale
+    log.warning("out of memory to %s a %dx%d latent whole; retrying in tiles of %d latent cells",
+                what, h, w, OOM_TILE)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return run_tiled_with_retry(fn, x, tile=OOM_TILE, overlap=OOM_OVERLAP, min_tile=OOM_MIN_TILE,
+                                in_scale=in_scale, out_scale=out_scale)
 
 
 def build(sd: StateDict, *, operations=None) -> tuple[BSQVAEConfig, BSQVAE]:

@@ -5,7 +5,10 @@ are blended with Gaussian weights (peak in the tile centre, sigma = 0.1 tile), s
 Tile positions are spread evenly, so every tile has the full size and every overlap is at least
 the requested one. An image that fits in one tile is processed whole (bit-identical to no tiling).
 Several tiles can go through the model as one batch (``tile_batch``); an out-of-memory error
-first halves that batch, then the tile.
+first halves that batch, then the tile. Tiles are laid out on a grid that may be coarser than the
+input or the output (``in_scale``/``out_scale``): the VAE is tiled on its latent grid, 16 image
+pixels per latent cell, so its encoder maps 16x-larger input tiles and its decoder makes 16x-larger
+output tiles.
 """
 
 from __future__ import annotations
@@ -57,18 +60,27 @@ def run_tiled(
     tile_batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    in_scale: int = 1,
+    out_scale: int = 1,
 ) -> torch.Tensor:
-    """Apply ``fn`` (same-size image -> image) tile by tile and blend the results.
+    """Apply ``fn`` (image -> image) tile by tile and blend the results.
+
+    ``tile`` and ``overlap`` count cells of a grid of ``x``'s size divided by ``in_scale``; ``fn``
+    maps a ``t x t`` cell tile, ``t * in_scale`` pixels of ``x``, to ``t * out_scale`` pixels,
+    and the result is the grid times ``out_scale`` (the defaults: same-size tiles).
 
     ``tile_batch`` tiles go to ``fn`` in one call, stacked along the batch dimension tile by tile:
     ``(n * B, C, th, tw)``, rows ``k*B .. k*B+B-1`` are tile ``k`` of the group (every tile has the
     same size). ``progress(done, total)`` is called after each call of ``fn`` with the tiles done;
     ``check_interrupt()`` before each call (it raises to stop, e.g. ComfyUI's interrupt). The result
-    has ``x``'s shape and device.
+    has ``x``'s batch size and device.
     """
     if tile_batch < 1:
         raise ParameterError(f"tile batch must be at least 1, got {tile_batch}")
     b, _, h, w = x_BCHW.shape
+    if h % in_scale or w % in_scale:
+        raise ParameterError(f"a {h}x{w} input is not a whole number of {in_scale}-pixel grid cells")
+    h, w, i, o = h // in_scale, w // in_scale, in_scale, out_scale
     corners = [(y, x) for y in tile_starts(h, tile, overlap) for x in tile_starts(w, tile, overlap)]
     total = len(corners)
     if total == 1:
@@ -79,20 +91,20 @@ def run_tiled(
             progress(1, 1)
         return out
     th, tw = min(tile, h), min(tile, w)
-    weight = blend_weights(th, tw, device=x_BCHW.device)
+    weight = blend_weights(th * o, tw * o, device=x_BCHW.device)
     acc = None
-    norm = torch.zeros(1, 1, h, w, device=x_BCHW.device)
+    norm = torch.zeros(1, 1, h * o, w * o, device=x_BCHW.device)
     for start in range(0, total, tile_batch):
         group = corners[start : start + tile_batch]
         if check_interrupt:
             check_interrupt()
-        out = fn(torch.cat([x_BCHW[:, :, y : y + th, x : x + tw] for y, x in group]))
+        out = fn(torch.cat([x_BCHW[:, :, y * i : (y + th) * i, x * i : (x + tw) * i] for y, x in group]))
         out = out.to(x_BCHW.device, torch.float32)
         if acc is None:
-            acc = torch.zeros(b, out.shape[1], h, w, device=x_BCHW.device)
+            acc = torch.zeros(b, out.shape[1], h * o, w * o, device=x_BCHW.device)
         for k, (y, x) in enumerate(group):
-            acc[:, :, y : y + th, x : x + tw] += out[k * b : (k + 1) * b] * weight
-            norm[:, :, y : y + th, x : x + tw] += weight
+            acc[:, :, y * o : (y + th) * o, x * o : (x + tw) * o] += out[k * b : (k + 1) * b] * weight
+            norm[:, :, y * o : (y + th) * o, x * o : (x + tw) * o] += weight
         if progress:
             progress(start + len(group), total)
     return acc.div_(norm)
@@ -113,7 +125,7 @@ def run_tiled_with_retry(fn: TileFn, x_BCHW: torch.Tensor, *, tile: int, overlap
                 log.warning("out of memory; retrying with %d tiles per batch", tile_batch)
             elif tile // 2 >= min_tile:
                 tile, overlap = tile // 2, overlap // 2
-                log.warning("out of memory; retrying with %d px tiles", tile)
+                log.warning("out of memory; retrying with tiles of %d", tile)
             else:
                 raise
             if torch.cuda.is_available():
