@@ -172,8 +172,6 @@ def _check_batch(lq_B3HW: torch.Tensor) -> None:
     if not isinstance(lq_B3HW, torch.Tensor) or lq_B3HW.ndim != 4 or lq_B3HW.shape[1] != 3 or lq_B3HW.shape[0] == 0:
         shape = tuple(lq_B3HW.shape) if isinstance(lq_B3HW, torch.Tensor) else type(lq_B3HW).__name__
         raise ImageInputError(f"expected a non-empty (B, 3, H, W) image batch, got {shape}")
-    if not torch.isfinite(lq_B3HW).all():
-        raise ImageInputError("the image contains NaN or Inf values; check what produced it")
 
 
 def tile_seeds(seed: int, batch: int, tile_index: int) -> list[int]:
@@ -206,6 +204,8 @@ def restore_tiled(
     ``on_retry(tile, overlap)`` is told the new tile size when out of memory halves it.
     """
     _check_batch(lq_B3HW)
+    if not torch.isfinite(lq_B3HW).all():  # once, here: every restorer comes this way
+        raise ImageInputError("the image contains NaN or Inf values; check what produced it")
     b, _, h, w = lq_B3HW.shape
     H, W = output_size(h, w, options.scale)
     x_B3HW = _resize(lq_B3HW.to(device), (H, W))
